@@ -1,0 +1,104 @@
+"""Building blocks: Dense, RMSNorm, rotary position embeddings, activations.
+
+Parameter names follow Flax (`kernel`, `bias`, `scale`, `embedding`); `sftjax.model.hf` maps them to HF names.
+Kernels are stored [in, out] (torch Linear stores [out, in]).
+
+Numerics follow transformers: RMSNorm normalises in float32; RoPE angles are computed in float32 and cast to the
+compute dtype; matmuls run in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sftjax.model.config import ModelConfig
+
+_INIT_STD = 0.02  # initializer_range of every HF Llama-family config
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias). kernel [in, out] stored in param_dtype, applied in the compute dtype.
+
+    The one linear layer of the model: LoRA adapters and quantized kernels attach here, so parameter paths stay
+    the same with or without them.
+    """
+
+    features: int
+    use_bias: bool
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+        dtype, param_dtype = jnp.dtype(self.cfg.dtype), jnp.dtype(self.cfg.param_dtype)
+        kernel = self.param("kernel", nn.initializers.normal(_INIT_STD), (x.shape[-1], self.features), param_dtype)
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * w, normalised in float32; Gemma scales by (1 + w) (w initialised to 0)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D]
+        dtype, plus_one = jnp.dtype(self.cfg.dtype), self.cfg.norm_plus_one
+        init = nn.initializers.zeros if plus_one else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), jnp.dtype(self.cfg.param_dtype))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        if plus_one:  # Gemma: (x * (1 + w)) in float32, then cast
+            return (y * (1.0 + scale.astype(jnp.float32))).astype(dtype)
+        return scale.astype(dtype) * y.astype(dtype)  # Llama: cast, then scale
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings (rotate-half layout, as in HF checkpoints).
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] in float32, with the config's RoPE scaling applied."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    inv_freq = inv_freq.astype(np.float32)
+    if cfg.rope_type == "linear":
+        return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32)
+    if cfg.rope_type == "llama3":  # Llama 3.1: scale long wavelengths, interpolate the middle band
+        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_position_embeddings
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate x [B, T, heads, H] by the angles positions [B, T] x inv_freq [H/2]."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,229 @@
+"""Dataset readers: local JSONL / JSON files in the four SFT formats, validated record by record.
+
+Formats (the first record's keys pick one unless `format=` overrides; extra keys are ignored):
+
+    chat               {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
+    prompt_completion  {"prompt": str, "completion": str}
+    alpaca             {"instruction": str, "input": str (optional), "output": str}
+    text               {"text": str}                      (continued pre-training: every token is trained)
+
+A file is JSON Lines (one object per line, blank lines skipped) or one JSON array of objects. Every record becomes
+an `Example`: either chat `messages` (rendered later by the model's chat template) or plain `prompt` + `completion`
+text (text records have an empty prompt). `as_chat=True` turns prompt/completion and Alpaca records into a
+user/assistant exchange so that they, too, go through the chat template.
+
+Every bad input raises `DataError` with one line naming `file:line` (the line where the record starts, also inside
+a JSON array) and what is wrong: missing file, bytes that are not UTF-8, invalid JSON, a record that is not an
+object, a missing or mistyped field, an unknown role, an empty dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from sftjax.data.errors import DataError
+
+FORMATS = ("chat", "prompt_completion", "alpaca", "text")
+ROLES = ("system", "user", "assistant", "tool")
+
+# Stanford Alpaca's prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
+                          "Write a response that appropriately completes the request.\n\n"
+                          "### Instruction:\n{instruction}\n\n### Response:\n")
+
+_SHOW_CHARS = 60  # longest value quoted in an error message, so it stays one line
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One training example. Chat: `messages` is set. Plain: prompt (not trained by default) + completion."""
+
+    where: str  # "file:line", for error messages and the data report
+    messages: tuple[dict[str, Any], ...] | None = None
+    prompt: str = ""
+    completion: str = ""
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS] + "..."
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def detect_format(record: dict[str, Any], where: str) -> str:
+    """The format a record's keys indicate. Raises DataError if none fits."""
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    raise DataError(f"{where}: cannot detect the format from keys {sorted(record)[:8]} (expected 'messages', "
+                    "'prompt'+'completion', 'instruction'+'output' or 'text'; or set format=)")
+
+
+def _string(record: dict[str, Any], key: str, where: str, optional: bool = False) -> str:
+    if key not in record:
+        if optional:
+            return ""
+        raise DataError(f"{where}: missing field '{key}'")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {_type_name(value)} {_show(value)}")
+    return value
+
+
+def _messages(record: dict[str, Any], where: str) -> tuple[dict[str, Any], ...]:
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: field 'messages' must be an array, got {_type_name(messages)}")
+    if not messages:
+        raise DataError(f"{where}: field 'messages' is empty")
+    out = []
+    for i, message in enumerate(messages):
+        key = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: {key} must be an object, got {_type_name(message)}")
+        role = message.get("role")
+        if role not in ROLES:
+            if "role" not in message:
+                raise DataError(f"{where}: {key} has no 'role'")
+            raise DataError(f"{where}: {key} has unknown role {_show(role)} (expected one of {', '.join(ROLES)})")
+        content = message.get("content")
+        tool_call_only = role == "assistant" and "tool_calls" in message and content is None
+        if not tool_call_only:
+            if "content" not in message:
+                raise DataError(f"{where}: {key} ({role}) has no 'content'")
+            if not isinstance(content, str):
+                raise DataError(f"{where}: {key}.content must be a string, got {_type_name(content)} "
+                                f"{_show(content)}")
+        out.append(dict(message))
+    return tuple(out)
+
+
+def parse_record(record: Any, fmt: str, where: str, as_chat: bool = False) -> Example:
+    """Validate one decoded JSON record of format `fmt` -> Example. Raises DataError naming `where`."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
+    if fmt == "chat":
+        return Example(where, messages=_messages(record, where))
+    if fmt == "text":
+        return Example(where, completion=_string(record, "text", where))
+    if fmt == "prompt_completion":
+        prompt, completion = _string(record, "prompt", where), _string(record, "completion", where)
+    elif fmt == "alpaca":
+        instruction = _string(record, "instruction", where)
+        extra, completion = _string(record, "input", where, optional=True), _string(record, "output", where)
+        if as_chat:
+            prompt = instruction if not extra else f"{instruction}\n\n{extra}"
+        else:
+            template = ALPACA_PROMPT if extra else ALPACA_PROMPT_NO_INPUT
+            prompt = template.format(instruction=instruction, input=extra)
+    else:
+        raise DataError(f"format={fmt!r}: unknown format (expected auto or one of {', '.join(FORMATS)})")
+    if as_chat:
+        return Example(where, messages=({"role": "user", "content": prompt},
+                                        {"role": "assistant", "content": completion}))
+    return Example(where, prompt=prompt, completion=completion)
+
+
+def _decode(raw: bytes, path: Path, line_offset: int = 0) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1 + line_offset
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x})") from None
+
+
+def _jsonl_records(raw: bytes, path: Path):
+    """(line number, decoded JSON value) for each non-blank line."""
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        text = _decode(line, path, number - 1)
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark
+        if not text.strip():
+            continue
+        try:
+            yield number, json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def _json_array_records(text: str, path: Path):
+    """(line number where the element starts, value) for each element of a top-level JSON array."""
+    decoder = json.JSONDecoder()
+
+    def skip(i):
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def fail(i, what):
+        line = text.count("\n", 0, i) + 1
+        raise DataError(f"{path}:{line}: invalid JSON: {what}")
+
+    i = skip(text.startswith("\ufeff") and 1 or 0) + 1  # past '['
+    i = skip(i)
+    if i < len(text) and text[i] == "]":
+        return
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            fail(e.pos, e.msg)
+        yield text.count("\n", 0, i) + 1, value
+        i = skip(end)
+        if i >= len(text):
+            fail(i, "unterminated array")
+        if text[i] == "]":
+            if skip(i + 1) != len(text):
+                fail(skip(i + 1), "extra data after the array")
+            return
+        if text[i] != ",":
+            fail(i, "expected ',' or ']'")
+        i = skip(i + 1)
+
+
+def read_records(path: str | Path):
+    """Yield (line number, decoded JSON value) from a JSONL file or a JSON array file. Raises DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    raw = path.read_bytes()
+    head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if head == b"[":
+        yield from _json_array_records(_decode(raw, path), path)
+    else:
+        yield from _jsonl_records(raw, path)
+
+
+def read_dataset(path: str | Path, format: str = "auto", as_chat: bool = False) -> list[Example]:  # noqa: A002
+    """Read and validate every record of a local JSONL / JSON file -> examples, in file order.
+
+    format: "auto" (detected from the first record's keys) or one of FORMATS.
+    """
+    if format != "auto" and format not in FORMATS:
+        raise DataError(f"format={format!r}: unknown format (expected auto or one of {', '.join(FORMATS)})")
+    examples = []
+    for line, record in read_records(path):
+        where = f"{path}:{line}"
+        if format == "auto":
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
+            format = detect_format(record, where)  # noqa: A001
+        examples.append(parse_record(record, format, where, as_chat))
+    if not examples:
+        raise DataError(f"{path}: empty dataset (no records)")
+    return examples

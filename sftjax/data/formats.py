@@ -174,8 +174,8 @@ def _json_array_records(text: str, path: Path):
         line = text.count("\n", 0, i) + 1
         raise DataError(f"{path}:{line}: invalid JSON: {what}")
 
-    i = skip(text.startswith("\ufeff") and 1 or 0) + 1  # past '['
-    i = skip(i)
+    start = 1 if text.startswith("\ufeff") else 0  # a UTF-8 byte-order mark
+    i = skip(skip(start) + 1)  # past '[' 
     if i < len(text) and text[i] == "]":
         return
     while True:

@@ -128,6 +128,7 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+@functools.lru_cache(maxsize=32)
 def has_generation_tags(source: str) -> bool:
     """Whether the template marks assistant text with {% generation %} (parsed, not searched in the text)."""
     ast = compile_template(source).environment.parse(source)
@@ -144,8 +145,8 @@ def render(source: str, messages: list[dict[str, Any]], add_generation_prompt: b
     """
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     template = compile_template(source)
-    variables = dict(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-                     **kwargs)
+    variables = {"tools": None, "documents": None, **kwargs, "messages": messages,
+                 "add_generation_prompt": add_generation_prompt}
     if not with_spans:
         return template.render(**variables), []
     blocks: list[str] = []

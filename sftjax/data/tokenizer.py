@@ -181,8 +181,9 @@ def load_tokenizer(directory: str | Path, chat_template: str | None = None) -> T
     template = (jinja_file.read_text(encoding="utf-8") if jinja_file.is_file()
                 else _config_template(config, str(config_file)))
     tok = Tokenizer(backend, special, template, str(directory))
-    for key in special:  # fail now, not mid-run, on a special token missing from the vocabulary
-        tok.token_id(key)
+    for key, token in special.items():  # fail now, not mid-run, on a special token missing from the vocabulary
+        if backend.token_to_id(token) is None:
+            raise DataError(f"{config_file}[{key}]: {token!r} is not in the vocabulary of {tokenizer_file.name}")
     return tok.with_chat_template(chat_template)
 
 

@@ -1,0 +1,144 @@
+"""Tokenize examples and derive their loss masks from character spans, never from searching the text.
+
+An example becomes text plus the character spans to train on:
+
+  * plain (prompt + completion): text = prompt + completion, span = the completion's characters.
+  * chat, template with `{% generation %}` tags: the spans the template itself marks.
+  * chat, otherwise, per-turn rendering: for each assistant message i,
+        before_i  = render(messages[:i], add_generation_prompt=True)
+        through_i = render(messages[:i+1])
+    and the span is [len(before_i), len(through_i)): everything the template writes for that turn after the
+    generation prompt (content and end-of-turn marker). The template must be prefix-stable
+    (before_i is a prefix of through_i, which is a prefix of the full render); otherwise a DataError says so.
+
+The text is encoded once, in a batch, exactly as `apply_chat_template` would (chat: no added special tokens;
+plain: the tokenizer's post-processor adds BOS if it has one). A token is trained when its character offsets
+overlap a span (the rule of transformers' `return_assistant_tokens_mask`), so masks are exact whatever the
+template. Modes: "completion" (default: completions / all assistant turns; plain text: everything), "last_turn"
+(only the final assistant turn), "all" (every token).
+
+EOS: with `append_eos`, plain examples get EOS appended and trained (unless the post-processor already put it
+there); chat examples get it only when the final trained turn contains no control token (a template without an
+end-of-turn marker), since the template's own end of turn (<|im_end|>, <|eot_id|>) is already trained.
+
+Shapes: `Tokenized.tokens` [L] int32, `Tokenized.mask` [L] bool where mask[t] says token t is a trained target
+(predicted from tokens < t).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jinja2
+import numpy as np
+
+from sftjax.data.errors import DataError
+from sftjax.data.formats import Example
+from sftjax.data.templates import has_generation_tags
+from sftjax.data.tokenizer import Tokenizer
+
+MASK_MODES = ("completion", "last_turn", "all")
+
+Span = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tokenized:
+    """A tokenized example: tokens [L] int32, mask [L] bool (trained targets), source location."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    where: str
+
+    @property
+    def num_trained(self) -> int:
+        """Trained targets; token 0 has nothing before it, so it is never a target."""
+        return int(self.mask[1:].sum())
+
+
+def _render(tok: Tokenizer, messages, where: str, add_generation_prompt: bool = False, with_spans: bool = False):
+    try:
+        return tok.render_chat(list(messages), add_generation_prompt, with_spans)
+    except jinja2.TemplateError as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{where}: chat template failed to render: {message}") from None
+
+
+def chat_spans(tok: Tokenizer, messages: Sequence[dict], mode: str, where: str) -> tuple[str, list[Span]]:
+    """Rendered chat and the character spans of its trained assistant turns (see the module docstring)."""
+    if mode == "all":
+        text, _ = _render(tok, messages, where)
+        return text, [(0, len(text))]
+    if has_generation_tags(tok.chat_template):
+        text, spans = _render(tok, messages, where, with_spans=True)
+    else:
+        text, _ = _render(tok, messages, where)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, _ = _render(tok, messages[:i], where, add_generation_prompt=True)
+            through = text if i == len(messages) - 1 else _render(tok, messages[:i + 1], where)[0]
+            if not (through.startswith(before) and text.startswith(through)):
+                raise DataError(f"{where}: the chat template renders messages[{i}] differently once later "
+                                "messages follow, so its loss mask cannot be derived by per-turn rendering "
+                                "(use a template with {% generation %} tags, or mask=all)")
+            spans.append((len(before), len(through)))
+    if mode == "last_turn":
+        spans = spans[-1:]
+    return text, spans
+
+
+def _offset_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> np.ndarray:
+    """[L] bool: tokens whose character range [start, end) overlaps any span."""
+    offs = np.asarray(offsets, np.int64).reshape(-1, 2)
+    mask = np.zeros(len(offs), bool)
+    for start, end in spans:
+        mask |= (offs[:, 0] < end) & (offs[:, 1] > start)
+    return mask
+
+
+def _needs_eos(tok: Tokenizer, ids: np.ndarray, offsets, spans: Sequence[Span], is_chat: bool) -> bool:
+    if not is_chat:
+        return True
+    if not spans:
+        return False  # nothing trained: the example is dropped anyway
+    last = _offset_mask(offsets, spans[-1:])
+    return not any(int(t) in tok.special_ids for t in ids[last])
+
+
+def tokenize_examples(examples: Sequence[Example], tok: Tokenizer, mode: str = "completion",
+                      append_eos: bool = True) -> list[Tokenized]:
+    """Render, encode (batched) and mask every example, in order. Raises DataError on a render failure."""
+    if mode not in MASK_MODES:
+        raise DataError(f"mask={mode!r}: unknown mode (expected one of {', '.join(MASK_MODES)})")
+    eos = tok.eos_id
+    if append_eos and eos is None:
+        raise DataError(f"{tok.source}: append_eos needs an eos_token in tokenizer_config.json (or append_eos=false)")
+    texts, spans, is_chat = [], [], []
+    for ex in examples:
+        if ex.messages is not None:
+            text, sp = chat_spans(tok, ex.messages, mode, ex.where)
+        else:
+            text = ex.prompt + ex.completion
+            sp = [(0, len(text))] if mode == "all" else [(len(ex.prompt), len(text))]
+        texts.append(text)
+        spans.append(sp)
+        is_chat.append(ex.messages is not None)
+    encodings: list = [None] * len(examples)
+    for chat in (True, False):  # chat text carries its own special tokens; plain text gets the post-processor's
+        index = [i for i, c in enumerate(is_chat) if c == chat]
+        for i, enc in zip(index, tok.encode_batch([texts[i] for i in index], add_special_tokens=not chat)):
+            encodings[i] = enc
+    out = []
+    for ex, enc, sp, chat in zip(examples, encodings, spans, is_chat):
+        ids = np.asarray(enc.ids, np.int32)
+        mask = _offset_mask(enc.offsets, sp)
+        if append_eos and _needs_eos(tok, ids, enc.offsets, sp, chat):
+            if len(ids) and ids[-1] == eos and not chat:
+                mask[-1] = True  # the post-processor appended EOS already
+            else:
+                ids, mask = np.append(ids, np.int32(eos)), np.append(mask, True)
+        out.append(Tokenized(ids, mask, ex.where))
+    return out

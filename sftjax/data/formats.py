@@ -197,13 +197,16 @@ def _json_array_records(text: str, path: Path):
 
 
 def read_records(path: str | Path):
-    """Yield (line number, decoded JSON value) from a JSONL file or a JSON array file. Raises DataError."""
+    """Yield (line number, decoded JSON value) from a JSONL file or a JSON array file. Raises DataError.
+
+    A `.jsonl` file is always JSON Lines; any other file holding a top-level '[' is one JSON array.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     raw = path.read_bytes()
     head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
-    if head == b"[":
+    if path.suffix != ".jsonl" and head == b"[":
         yield from _json_array_records(_decode(raw, path), path)
     else:
         yield from _jsonl_records(raw, path)

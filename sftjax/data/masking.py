@@ -14,7 +14,8 @@ An example becomes text plus the character spans to train on:
 The text is encoded once, in a batch, exactly as `apply_chat_template` would (chat: no added special tokens;
 plain: the tokenizer's post-processor adds BOS if it has one). A token is trained when its character offsets
 overlap a span (the rule of transformers' `return_assistant_tokens_mask`), so masks are exact whatever the
-template. Modes: "completion" (default: completions / all assistant turns; plain text: everything), "last_turn"
+template; a token that straddles a prompt/reply boundary (" I" after "Assistant:") is trained, since the model
+must produce it. Modes: "completion" (default: completions / all assistant turns; plain text: everything), "last_turn"
 (only the final assistant turn), "all" (every token).
 
 EOS: with `append_eos`, plain examples get EOS appended and trained (unless the post-processor already put it
@@ -57,29 +58,35 @@ class Tokenized:
         return int(self.mask[1:].sum())
 
 
-def _render(tok: Tokenizer, messages, where: str, add_generation_prompt: bool = False, with_spans: bool = False):
+def _render(tok: Tokenizer, messages, where: str, kwargs: dict, add_generation_prompt: bool = False,
+            with_spans: bool = False):
     try:
-        return tok.render_chat(list(messages), add_generation_prompt, with_spans)
+        return tok.render_chat(list(messages), add_generation_prompt, with_spans, **kwargs)
     except jinja2.TemplateError as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{where}: chat template failed to render: {message}") from None
 
 
-def chat_spans(tok: Tokenizer, messages: Sequence[dict], mode: str, where: str) -> tuple[str, list[Span]]:
-    """Rendered chat and the character spans of its trained assistant turns (see the module docstring)."""
+def chat_spans(tok: Tokenizer, messages: Sequence[dict], mode: str, where: str,
+               template_kwargs: dict | None = None) -> tuple[str, list[Span]]:
+    """Rendered chat and the character spans of its trained assistant turns (see the module docstring).
+
+    template_kwargs: extra template variables (e.g. date_string, enable_thinking).
+    """
+    kw = template_kwargs or {}
     if mode == "all":
-        text, _ = _render(tok, messages, where)
+        text, _ = _render(tok, messages, where, kw)
         return text, [(0, len(text))]
     if has_generation_tags(tok.chat_template):
-        text, spans = _render(tok, messages, where, with_spans=True)
+        text, spans = _render(tok, messages, where, kw, with_spans=True)
     else:
-        text, _ = _render(tok, messages, where)
+        text, _ = _render(tok, messages, where, kw)
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before, _ = _render(tok, messages[:i], where, add_generation_prompt=True)
-            through = text if i == len(messages) - 1 else _render(tok, messages[:i + 1], where)[0]
+            before, _ = _render(tok, messages[:i], where, kw, add_generation_prompt=True)
+            through = text if i == len(messages) - 1 else _render(tok, messages[:i + 1], where, kw)[0]
             if not (through.startswith(before) and text.startswith(through)):
                 raise DataError(f"{where}: the chat template renders messages[{i}] differently once later "
                                 "messages follow, so its loss mask cannot be derived by per-turn rendering "
@@ -109,7 +116,7 @@ def _needs_eos(tok: Tokenizer, ids: np.ndarray, offsets, spans: Sequence[Span], 
 
 
 def tokenize_examples(examples: Sequence[Example], tok: Tokenizer, mode: str = "completion",
-                      append_eos: bool = True) -> list[Tokenized]:
+                      append_eos: bool = True, template_kwargs: dict | None = None) -> list[Tokenized]:
     """Render, encode (batched) and mask every example, in order. Raises DataError on a render failure."""
     if mode not in MASK_MODES:
         raise DataError(f"mask={mode!r}: unknown mode (expected one of {', '.join(MASK_MODES)})")
@@ -119,7 +126,7 @@ def tokenize_examples(examples: Sequence[Example], tok: Tokenizer, mode: str = "
     texts, spans, is_chat = [], [], []
     for ex in examples:
         if ex.messages is not None:
-            text, sp = chat_spans(tok, ex.messages, mode, ex.where)
+            text, sp = chat_spans(tok, ex.messages, mode, ex.where, template_kwargs)
         else:
             text = ex.prompt + ex.completion
             sp = [(0, len(text))] if mode == "all" else [(len(ex.prompt), len(text))]

@@ -86,7 +86,9 @@ def _string(record: dict[str, Any], key: str, where: str, optional: bool = False
 
 
 def _messages(record: dict[str, Any], where: str) -> tuple[dict[str, Any], ...]:
-    messages = record.get("messages")
+    if "messages" not in record:
+        raise DataError(f"{where}: missing field 'messages'")
+    messages = record["messages"]
     if not isinstance(messages, list):
         raise DataError(f"{where}: field 'messages' must be an array, got {_type_name(messages)}")
     if not messages:

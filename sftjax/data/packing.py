@@ -1,0 +1,119 @@
+"""Fit examples to the sequence length, group them into rows, and lay rows out as model inputs.
+
+Packing puts several examples in one row of T tokens. Each example gets its own segment id (1, 2, ... within the
+row; 0 = padding) and positions restarting at 0, so with the model's segment mask no example attends to another
+and each is computed exactly as if alone (tested through `forward`). Methods:
+
+    bfd     best-fit decreasing: longest first, each into the fullest row that still has room (fewest rows)
+    greedy  next-fit in stream order: start a new row when the next example does not fit (keeps order)
+    none    padding mode: one example per row
+
+Row layout (all [R, T]): tokens, targets (targets[t] = tokens[t + 1] inside the same segment), loss_mask (float32,
+1 where targets[t] is a trained token of the same segment), segment_ids, positions, task_ids (-1 on padding).
+The last token of a segment predicts nothing, so a row never learns across an example boundary.
+
+Over-long examples (L > T): "drop", "error", or "truncate", which keeps the completion: it cuts prompt tokens from
+the left (keeping BOS and one token of context before the first trained token), then, only if still too long,
+cuts the end.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+
+from sftjax.data.errors import DataError
+from sftjax.data.masking import Tokenized
+
+PACKING = ("bfd", "greedy", "none")
+OVER_LONG = ("truncate", "drop", "error")
+ROW_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "task_ids")
+
+
+def fit_length(ex: Tokenized, seq_len: int, policy: str, bos_id: int | None) -> Tokenized | None:
+    """Apply the over-long policy: the example itself if it fits, else truncated, None (drop), or DataError."""
+    length = len(ex.tokens)
+    if length <= seq_len:
+        return ex
+    if policy == "drop":
+        return None
+    if policy == "error":
+        raise DataError(f"{ex.where}: example has {length} tokens, more than seq_len={seq_len} "
+                        "(set over_long=truncate or drop)")
+    if policy != "truncate":
+        raise DataError(f"over_long={policy!r}: expected one of {', '.join(OVER_LONG)}")
+    trained = np.flatnonzero(ex.mask)
+    first = int(trained[0]) if len(trained) else length
+    keep_bos = int(bos_id is not None and ex.tokens[0] == bos_id)
+    cut = min(length - seq_len, max(first - 1 - keep_bos, 0))  # prompt tokens removed after BOS
+    keep = np.r_[0:keep_bos, keep_bos + cut:length][:seq_len]
+    return Tokenized(ex.tokens[keep], ex.mask[keep], ex.where)
+
+
+def pack_bins(lengths: Sequence[int], seq_len: int, method: str = "bfd") -> list[list[int]]:
+    """Group example indices into rows whose total length is <= seq_len. Every index appears exactly once."""
+    lengths = [int(n) for n in lengths]
+    if any(n > seq_len or n < 1 for n in lengths):
+        raise ValueError(f"lengths must be in [1, {seq_len}]")
+    if method == "none":
+        return [[i] for i in range(len(lengths))]
+    if method == "greedy":
+        bins, room = [], 0
+        for i, n in enumerate(lengths):
+            if not bins or n > room:
+                bins.append([])
+                room = seq_len
+            bins[-1].append(i)
+            room -= n
+        return bins
+    if method != "bfd":
+        raise DataError(f"packing={method!r}: expected one of {', '.join(PACKING)}")
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted: the best fit is the first with room >= n
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            bins.append([i])
+            room, b = seq_len - n, len(bins) - 1
+        else:
+            room, b = free.pop(k)
+            bins[b].append(i)
+            room -= n
+        bisect.insort(free, (room, b))
+    return bins
+
+
+def build_rows(examples: Sequence[Tokenized], task_ids: Sequence[int], bins: Sequence[Sequence[int]],
+               seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Lay out packed rows -> dict of [R, T] arrays (see the module docstring)."""
+    R, T = len(bins), seq_len
+    rows = {
+        "tokens": np.full((R, T), pad_id, np.int32),
+        "targets": np.full((R, T), pad_id, np.int32),
+        "loss_mask": np.zeros((R, T), np.float32),
+        "segment_ids": np.zeros((R, T), np.int32),
+        "positions": np.zeros((R, T), np.int32),
+        "task_ids": np.full((R, T), -1, np.int32),
+    }
+    for r, members in enumerate(bins):
+        offset = 0
+        for segment, i in enumerate(members, start=1):
+            ex = examples[i]
+            n = len(ex.tokens)
+            end = offset + n
+            rows["tokens"][r, offset:end] = ex.tokens
+            rows["targets"][r, offset:end - 1] = ex.tokens[1:]
+            rows["loss_mask"][r, offset:end - 1] = ex.mask[1:]
+            rows["segment_ids"][r, offset:end] = segment
+            rows["positions"][r, offset:end] = np.arange(n)
+            rows["task_ids"][r, offset:end] = task_ids[i]
+            offset = end
+    return rows
+
+
+def empty_rows(count: int, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """All-padding rows [count, T] (nothing trained), to complete a final partial batch."""
+    return build_rows([], [], [[] for _ in range(count)], seq_len, pad_id)

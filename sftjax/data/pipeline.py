@@ -1,0 +1,227 @@
+"""The data pipeline from config to batches: read -> tokenize + mask -> fit length -> mix -> pack -> shard.
+
+`prepare(config, tokenizer)` reads and tokenizes every dataset once (SFT datasets fit in host memory; lengths are
+needed for packing anyway) and counts what was dropped or truncated. `DataIterator` then streams batches:
+
+    batch[key]: [devices, per_device_batch, seq_len] numpy arrays for key in
+    tokens, targets, loss_mask (float32), segment_ids (0 = padding), positions, task_ids (-1 = padding)
+
+ready for `jax.pmap` (see `packing.py` for the row layout). The stream is the mixture order of `mixture.py` cut
+into windows of `pack_window` examples, each window packed on its own (deterministically), rows emitted in order.
+The iterator state is {"epoch", "position" (window start in the epoch's order), "row" (rows of that window already
+emitted), "seed", "fingerprint"}: small, JSON-serializable, and enough to rebuild the exact stream, since rows do
+not depend on the batch size or the number of devices.
+
+Multi-host: every process computes the same global stream (so all agree on the number of batches and share one
+state) and keeps its own slice of each global batch of process_count * devices * per_device_batch rows. A final
+partial batch is completed with all-padding rows (nothing trained), so no example is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sftjax.data.errors import DataError
+from sftjax.data.formats import read_dataset
+from sftjax.data.masking import Tokenized, tokenize_examples
+from sftjax.data.mixture import epoch_order
+from sftjax.data.packing import ROW_KEYS, build_rows, empty_rows, fit_length, pack_bins
+from sftjax.data.tokenizer import Tokenizer
+
+_STATE_VERSION = 1
+
+
+@dataclasses.dataclass
+class DatasetSpec:
+    path: str  # local .jsonl or .json file
+    weight: float | None = None  # mixture weight; None for all datasets: proportional to size
+    format: str = "auto"  # auto | chat | prompt_completion | alpaca | text
+    name: str | None = None  # task name in reports (default: the file stem); the task id is the list index
+    as_chat: bool = False  # render prompt/completion and Alpaca records through the chat template
+
+
+@dataclasses.dataclass
+class DataConfig:
+    datasets: list[DatasetSpec]
+    seq_len: int = 2048  # T: tokens per row
+    mask: str = "completion"  # completion | last_turn | all
+    append_eos: bool = True  # append EOS (trained) where the text does not end its turn itself
+    over_long: str = "truncate"  # truncate (keep the completion) | drop | error
+    packing: str = "bfd"  # bfd | greedy | none (padding: one example per row)
+    pack_window: int = 1024  # examples packed together (a larger window packs tighter, shuffles less)
+    per_device_batch: int = 8  # rows per device per step
+    seed: int = 0  # shuffling seed
+    num_epochs: int | None = 1  # mixture epochs; None: endless
+    chat_template: str | None = None  # override: a built-in name or a .jinja path
+    template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra chat-template variables
+
+
+@dataclasses.dataclass
+class DatasetStats:
+    name: str
+    path: str
+    records: int = 0
+    kept: int = 0
+    dropped_empty_mask: int = 0  # nothing to train (no assistant turn, empty completion without EOS)
+    dropped_too_long: int = 0  # over seq_len with over_long=drop
+    truncated: int = 0
+    tokens: int = 0  # after truncation, kept examples
+    trained_tokens: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class Prepared:
+    config: DataConfig
+    datasets: list[list[Tokenized]]  # per task, kept examples in file order
+    stats: list[DatasetStats]
+    pad_id: int
+
+
+def prepare(config: DataConfig, tokenizer: Tokenizer) -> Prepared:
+    """Read, validate, tokenize, mask and fit every dataset. Raises DataError on bad input or no trainable token."""
+    if not config.datasets:
+        raise DataError("data.datasets: no dataset given")
+    if config.seq_len < 2:
+        raise DataError(f"data.seq_len={config.seq_len}: need at least 2 tokens (one input, one target)")
+    tokenizer = tokenizer.with_chat_template(config.chat_template)
+    weights = [d.weight for d in config.datasets]
+    if any(w is None for w in weights) and not all(w is None for w in weights):
+        raise DataError("data.datasets[*].weight: give a weight for every dataset or for none")
+    datasets, stats = [], []
+    for spec in config.datasets:
+        st = DatasetStats(spec.name or Path(spec.path).stem, spec.path)
+        examples = read_dataset(spec.path, spec.format, spec.as_chat)
+        st.records = len(examples)
+        kept = []
+        for ex in tokenize_examples(examples, tokenizer, config.mask, config.append_eos, config.template_kwargs):
+            if ex.num_trained == 0:
+                st.dropped_empty_mask += 1
+                continue
+            fitted = fit_length(ex, config.seq_len, config.over_long, tokenizer.bos_id)
+            if fitted is None:
+                st.dropped_too_long += 1
+                continue
+            if fitted is not ex:
+                st.truncated += 1
+                if fitted.num_trained == 0:
+                    st.dropped_empty_mask += 1
+                    continue
+            kept.append(fitted)
+            st.tokens += len(fitted.tokens)
+            st.trained_tokens += fitted.num_trained
+        if not kept:
+            raise DataError(f"{spec.path}: no trainable token in the dataset ({st.records} records: "
+                            f"{st.dropped_empty_mask} with an empty loss mask, {st.dropped_too_long} over "
+                            f"seq_len={config.seq_len})")
+        st.kept = len(kept)
+        datasets.append(kept)
+        stats.append(st)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return Prepared(config, datasets, stats, pad_id)
+
+
+def fingerprint(prepared: Prepared) -> str:
+    """A short hash of everything that decides the row stream except the seed (refuses mismatched resumes)."""
+    cfg = prepared.config
+    keys = dict(sizes=[len(d) for d in prepared.datasets], tokens=[s.tokens for s in prepared.stats],
+                weights=[d.weight for d in cfg.datasets], seq_len=cfg.seq_len, packing=cfg.packing,
+                pack_window=cfg.pack_window, mask=cfg.mask, append_eos=cfg.append_eos, over_long=cfg.over_long)
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class DataIterator:
+    """Batches [devices, per_device_batch, seq_len] for this process, resumable from `state()`."""
+
+    def __init__(self, prepared: Prepared, devices: int = 1, process_index: int = 0, process_count: int = 1,
+                 state: dict[str, Any] | None = None):
+        if not 0 <= process_index < process_count or devices < 1:
+            raise DataError(f"process_index={process_index}, process_count={process_count}, devices={devices}: "
+                            "need 0 <= process_index < process_count and devices >= 1")
+        cfg = prepared.config
+        self.prepared, self.cfg = prepared, cfg
+        self.devices, self.process_index, self.process_count = devices, process_index, process_count
+        self._sizes = [len(d) for d in prepared.datasets]
+        self._weights = None if cfg.datasets[0].weight is None else [d.weight for d in cfg.datasets]
+        self._fingerprint = fingerprint(prepared)
+        self.epoch, self.position, self.row = 0, 0, 0
+        if state is not None:
+            self._restore(state)
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        self._rows_cache: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
+        self.tokens_emitted = 0  # non-padding tokens in emitted rows
+        self.slots_emitted = 0  # all token slots in emitted rows (padding rows included)
+
+    def state(self) -> dict[str, Any]:
+        """Where the stream stands (JSON-serializable): a new iterator given it continues exactly here."""
+        return {"version": _STATE_VERSION, "epoch": self.epoch, "position": self.position, "row": self.row,
+                "seed": self.cfg.seed, "fingerprint": self._fingerprint}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise DataError(f"data iterator state: version {state.get('version')!r}, expected {_STATE_VERSION}")
+        if state.get("seed") != self.cfg.seed or state.get("fingerprint") != self._fingerprint:
+            raise DataError("data iterator state: saved for other data or settings (seed or fingerprint differ); "
+                            "resuming would skip or repeat examples")
+        self.epoch, self.position, self.row = int(state["epoch"]), int(state["position"]), int(state["row"])
+
+    @property
+    def epoch_size(self) -> int:
+        return len(self._order(self.epoch))
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of emitted token slots holding real tokens (1.0 = no padding)."""
+        return self.tokens_emitted / max(self.slots_emitted, 1)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, epoch_order(self._sizes, self._weights, self.cfg.seed, epoch))
+        return self._order_cache[1]
+
+    def _window_rows(self, epoch: int, position: int) -> dict[str, np.ndarray]:
+        key = (epoch, position)
+        if self._rows_cache is None or self._rows_cache[0] != key:
+            picks = self._order(epoch)[position:position + self.cfg.pack_window]
+            examples = [self.prepared.datasets[t][i] for t, i in picks]
+            bins = pack_bins([len(e.tokens) for e in examples], self.cfg.seq_len, self.cfg.packing)
+            rows = build_rows(examples, picks[:, 0], bins, self.cfg.seq_len, self.prepared.pad_id)
+            self._rows_cache = (key, rows)
+        return self._rows_cache[1]
+
+    def _finished(self) -> bool:
+        return self.cfg.num_epochs is not None and self.epoch >= self.cfg.num_epochs
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        per_process = self.devices * self.cfg.per_device_batch
+        needed = self.process_count * per_process
+        parts = []
+        while needed and not self._finished():
+            rows = self._window_rows(self.epoch, self.position)
+            count = len(rows["tokens"])
+            take = min(needed, count - self.row)
+            parts.append({k: v[self.row:self.row + take] for k, v in rows.items()})
+            self.row += take
+            needed -= take
+            if self.row == count:
+                self.position, self.row = self.position + self.cfg.pack_window, 0
+                if self.position >= len(self._order(self.epoch)):
+                    self.epoch, self.position = self.epoch + 1, 0
+        if not parts:
+            raise StopIteration
+        if needed:
+            parts.append(empty_rows(needed, self.cfg.seq_len, self.prepared.pad_id))
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in ROW_KEYS}
+        self.tokens_emitted += int((batch["segment_ids"] > 0).sum())
+        self.slots_emitted += batch["segment_ids"].size
+        mine = slice(self.process_index * per_process, (self.process_index + 1) * per_process)
+        shape = (self.devices, self.cfg.per_device_batch, self.cfg.seq_len)
+        return {k: v[mine].reshape(shape) for k, v in batch.items()}

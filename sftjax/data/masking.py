@@ -106,13 +106,13 @@ def _offset_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> n
     return mask
 
 
-def _needs_eos(tok: Tokenizer, ids: np.ndarray, offsets, spans: Sequence[Span], is_chat: bool) -> bool:
+def _needs_eos(special_ids: np.ndarray, ids: np.ndarray, offsets, spans: Sequence[Span], is_chat: bool) -> bool:
     if not is_chat:
         return True
     if not spans:
         return False  # nothing trained: the example is dropped anyway
     last = _offset_mask(offsets, spans[-1:])
-    return not any(int(t) in tok.special_ids for t in ids[last])
+    return not np.isin(ids[last], special_ids).any()
 
 
 def tokenize_examples(examples: Sequence[Example], tok: Tokenizer, mode: str = "completion",
@@ -138,11 +138,12 @@ def tokenize_examples(examples: Sequence[Example], tok: Tokenizer, mode: str = "
         index = [i for i, c in enumerate(is_chat) if c == chat]
         for i, enc in zip(index, tok.encode_batch([texts[i] for i in index], add_special_tokens=not chat)):
             encodings[i] = enc
+    special_ids = np.fromiter(tok.special_ids, np.int64)
     out = []
     for ex, enc, sp, chat in zip(examples, encodings, spans, is_chat):
         ids = np.asarray(enc.ids, np.int32)
         mask = _offset_mask(enc.offsets, sp)
-        if append_eos and _needs_eos(tok, ids, enc.offsets, sp, chat):
+        if append_eos and _needs_eos(special_ids, ids, enc.offsets, sp, chat):
             if len(ids) and ids[-1] == eos and not chat:
                 mask[-1] = True  # the post-processor appended EOS already
             else:

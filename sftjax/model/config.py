@@ -272,7 +272,6 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
         "hidden_act": cfg.hidden_act,
         "rms_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,
@@ -287,6 +286,8 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.rope_type != "default":
         hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}  # transformers 4.x
+    if cfg.family != "qwen2":  # Qwen2 always uses hidden_size // num_attention_heads
+        hf["head_dim"] = cfg.head_dim
     if cfg.family in ("llama", "qwen3", "gemma"):
         hf["attention_bias"] = cfg.qkv_bias
     if cfg.family == "llama":
@@ -317,6 +318,8 @@ def _check_family_switches(cfg: ModelConfig) -> None:
     for key, value in expected.items():
         if getattr(cfg, key) != value:
             raise ConfigError(f"model config: {key}={getattr(cfg, key)} cannot be expressed for family {cfg.family!r}")
+    if cfg.family == "qwen2" and cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        raise ConfigError(f"model config: head_dim={cfg.head_dim} must be hidden_size / num_heads for family 'qwen2'")
     if cfg.family != "llama" and cfg.mlp_bias:
         raise ConfigError(f"model config: mlp_bias cannot be expressed for family {cfg.family!r}")
     if cfg.family in ("llama", "gemma") and cfg.sliding_window is not None:

@@ -18,6 +18,7 @@ same stacked tree, optionally rematerialised (cfg.remat).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -63,6 +64,7 @@ class Block(nn.Module):
 # Parameters
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     """Random parameters (normal(0.02) kernels and embeddings, zero biases, unit norms), as HF initialises."""
     k_embed, k_layers, k_head = jax.random.split(rng, 3)
@@ -167,9 +169,13 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, segment_i
     return RMSNorm(cfg).apply({"params": params["norm"]}, x)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, segment_ids: jax.Array | None = None,
             positions: jax.Array | None = None) -> jax.Array:
-    """Logits [B, T, V] (compute dtype) for int tokens [B, T]. See `hidden_states` for the optional inputs."""
+    """Logits [B, T, V] (compute dtype) for int tokens [B, T]. See `hidden_states` for the optional inputs.
+
+    Compiled once per (cfg, shapes); inside another jit it is inlined.
+    """
     return lm_head(cfg, params, hidden_states(cfg, params, jnp.asarray(tokens), segment_ids, positions))
 
 

@@ -1,10 +1,16 @@
 """Test-wide settings.
 
-Parity tests compare float32 results with transformers (torch). XLA on CPU may run float32 matmuls at reduced
-precision by default, so every test forces the highest matmul precision: differences then come from summation
-order alone, and the stated tolerances hold.
+- Four host CPU devices (set before JAX is imported, inherited by subprocesses), so pmap code runs multi-device
+  on a one-CPU machine. Single-device code is unaffected: it runs on device 0.
+- Parity tests compare float32 results with transformers (torch). XLA on CPU may run float32 matmuls at reduced
+  precision by default, so every test forces the highest matmul precision: differences then come from
+  summation order alone, and the stated tolerances hold.
 """
 
-import jax
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

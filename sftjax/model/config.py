@@ -11,7 +11,7 @@ Axis letters used across sftjax.model: B batch, T query positions, S key positio
 K key/value heads, G = N // K query heads per key/value head, H head width, F feed-forward width, V vocabulary,
 L layers.
 
-The config also holds the runtime policy (dtype, param_dtype, scan_layers, remat). These are not part of the
+The config also holds the runtime policy (dtype, param_dtype, scan_layers, remat, dropout_rate). These are not part of the
 architecture and never reach config.json, except `param_dtype`, written as the checkpoint's `torch_dtype`.
 """
 
@@ -99,6 +99,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_layers: bool = True  # lax.scan over layers: compile time stays flat as depth grows
     remat: str = "none"  # none | full (recompute each layer) | dots (save matmul outputs only)
+    dropout_rate: float = 0.0  # dropout on each residual branch (attention and MLP outputs) when training
 
     def __post_init__(self):
         self.validate()
@@ -134,6 +135,8 @@ class ModelConfig:
                 bad(key, f"is not a supported dtype ({', '.join(DTYPES)})")
         if self.remat not in REMAT_POLICIES:
             bad("remat", f"is not one of {', '.join(REMAT_POLICIES)}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            bad("dropout_rate", "must be in [0, 1)")
         if self.sliding_window is not None and self.sliding_window <= 0:
             bad("sliding_window", "must be a positive integer or None")
         if not isinstance(self.eos_token_ids, tuple):

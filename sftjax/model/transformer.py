@@ -47,16 +47,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))).
+
+    Dropout (cfg.dropout_rate) is active only when applied with a "dropout" rng (training).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None):
+    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None, deterministic=True):
+        drop = nn.Dropout(self.cfg.dropout_rate, deterministic=deterministic)
         h = RMSNorm(self.cfg, name="input_layernorm")(x)
         h, kv = Attention(self.cfg, name="self_attn")(h, positions, mask, kv_cache, cache_index)
-        x = x + h
-        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
+        x = x + drop(h)
+        x = x + drop(MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x)))
         return x, kv
 
 
@@ -126,22 +130,26 @@ def _remat(cfg: ModelConfig, fn):
 
 
 def run_layers(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               q_index: jax.Array, k_index: jax.Array, kv_cache=None, cache_index=None):
+               q_index: jax.Array, k_index: jax.Array, kv_cache=None, cache_index=None, dropout_rng=None):
     """Apply the L blocks. x [B, T, D], mask [B, T, S] -> (x [B, T, D], updated cache (k, v) [L, B, S, K, H]).
 
-    Per-layer inputs (parameters, attention window, cache slice) are scanned or looped over together.
+    Per-layer inputs (parameters, attention window, cache slice, layer index) are scanned or looped over
+    together. Dropout (training only) uses the key fold_in(dropout_rng, layer).
     """
     block = Block(cfg)
     windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
+    train = dropout_rng is not None and cfg.dropout_rate > 0
 
     def layer(x, per_layer):
-        params, window, kv = per_layer
+        params, window, kv, index = per_layer
         layer_mask = mask & window_mask(q_index, k_index, window)[None]
-        x, new_kv = block.apply({"params": params}, x, positions, layer_mask, kv, cache_index)
+        rngs = {"dropout": jax.random.fold_in(dropout_rng, index)} if train else {}
+        x, new_kv = block.apply({"params": params}, x, positions, layer_mask, kv, cache_index,
+                                deterministic=not train, rngs=rngs)
         return x, (None if kv is None else new_kv)
 
     layer = _remat(cfg, layer)
-    per_layer = (layers, windows, kv_cache)
+    per_layer = (layers, windows, kv_cache, jnp.arange(cfg.num_layers))
     if cfg.scan_layers:
         return jax.lax.scan(layer, x, per_layer)
     kvs = []
@@ -152,11 +160,11 @@ def run_layers(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Ar
 
 
 def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                  positions: jax.Array | None = None) -> jax.Array:
+                  positions: jax.Array | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Final normalised hidden states [B, T, D] for tokens [B, T] (no cache).
 
     segment_ids [B, T]: packed examples (0 = padding); default: one segment per row. positions default to
-    restarting at 0 in every segment.
+    restarting at 0 in every segment. dropout_rng: training mode (dropout on, if cfg.dropout_rate > 0).
     """
     B, T = tokens.shape
     if segment_ids is None:
@@ -165,18 +173,20 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, segment_i
         positions = segment_positions(segment_ids)
     index = jnp.arange(T)
     mask = attention_mask(index, index, segment_ids, segment_ids)
-    x, _ = run_layers(cfg, params["layers"], embed(cfg, params, tokens), positions, mask, index, index)
+    x, _ = run_layers(cfg, params["layers"], embed(cfg, params, tokens), positions, mask, index, index,
+                      dropout_rng=dropout_rng)
     return RMSNorm(cfg).apply({"params": params["norm"]}, x)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, segment_ids: jax.Array | None = None,
-            positions: jax.Array | None = None) -> jax.Array:
+            positions: jax.Array | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Logits [B, T, V] (compute dtype) for int tokens [B, T]. See `hidden_states` for the optional inputs.
 
     Compiled once per (cfg, shapes); inside another jit it is inlined.
     """
-    return lm_head(cfg, params, hidden_states(cfg, params, jnp.asarray(tokens), segment_ids, positions))
+    h = hidden_states(cfg, params, jnp.asarray(tokens), segment_ids, positions, dropout_rng)
+    return lm_head(cfg, params, h)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""The run configuration: Hydra structured configs (dataclasses) and the checks Hydra cannot express.
+
+Hydra composes conf/config.yaml and its groups (model/ method/ data/ optim/ trainer/ experiment/) onto the
+`TrainConfig` schema registered here, so a wrong type or an unknown key fails at composition. `validate` then
+rejects impossible values (lr <= 0, a batch that does not split over the devices, ...) with one line naming the
+key. Every field has a one-line comment; the YAML files repeat them where users read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from sftjax.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass
+class ModelSection:
+    path: str = "tiny-llama"  # local HF model directory or a built-in preset (tiny-llama, bench-llama, ...)
+    tokenizer: Optional[str] = None  # directory with tokenizer.json; default: model.path
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (bf16 on GPU; f32 on CPU)
+    param_dtype: str = "float32"  # storage dtype of the weights (trainable weights stay float32 for AdamW)
+    scan_layers: bool = True  # lax.scan over layers: flat compile time as depth grows
+    remat: str = "none"  # none | full | dots: recompute activations in the backward pass to save memory
+    dropout: float = 0.0  # dropout on each residual branch during training
+    seed: int = 0  # initialisation seed of preset models
+
+
+@dataclasses.dataclass
+class MethodSection:
+    name: str = "full"  # full (all weights trained); lora / qlora arrive with the LoRA issue
+
+
+@dataclasses.dataclass
+class DatasetSection:
+    path: str = "???"  # local .jsonl / .json file
+    weight: Optional[float] = None  # mixture weight (None for every dataset: proportional to size)
+    format: str = "auto"  # auto | chat | prompt_completion | alpaca | text
+    name: Optional[str] = None  # task name in metrics (default: the file stem)
+    as_chat: bool = False  # render prompt/completion and Alpaca records through the chat template
+
+
+@dataclasses.dataclass
+class DataSection:
+    train: list[DatasetSection] = field(default_factory=list)  # training datasets (one task each)
+    eval: list[DatasetSection] = field(default_factory=list)  # held-out datasets (same task order as train)
+    eval_fraction: float = 0.0  # when eval is empty: hold out this fraction of each training dataset
+    seq_len: int = 512  # T: tokens per packed row
+    mask: str = "completion"  # completion | last_turn | all: which tokens are trained
+    append_eos: bool = True  # append EOS (trained) where the text does not end its own turn
+    over_long: str = "truncate"  # truncate (keep the completion) | drop | error
+    packing: str = "bfd"  # bfd | greedy | none (one example per row, padded)
+    pack_window: int = 1024  # examples packed together
+    chat_template: Optional[str] = None  # override the tokenizer's template: built-in name or .jinja path
+    seed: int = 0  # shuffling seed (also decides the held-out split)
+
+
+@dataclasses.dataclass
+class OptimSection:
+    name: str = "adamw"  # adamw | adafactor | sgd
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 0.0  # decoupled weight decay (never on norms or biases)
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.999  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    momentum: float = 0.9  # SGD momentum (0: plain SGD)
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.0  # final lr of cosine / linear decay, as a fraction of lr
+    max_grad_norm: float = 1.0  # clip the global gradient norm (0: no clipping)
+
+
+@dataclasses.dataclass
+class TrainerSection:
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 8  # global packed rows per micro-batch, split evenly over the devices
+    grad_accum: int = 1  # micro-batches per optimizer step (lax.scan)
+    devices: int = 0  # devices for the pmap step (0: all local devices)
+    seed: int = 0  # seed of dropout and everything else random in training
+    log_every: int = 10  # steps between train metric lines
+    eval_every: int = 50  # steps between evaluations (0: only at the end)
+    eval_batches: int = 0  # cap on eval batches per evaluation (0: the whole eval split)
+    num_samples: int = 2  # eval prompts whose generations are logged at each evaluation
+    sample_tokens: int = 32  # max new tokens of each logged sample
+    save_every: int = 50  # steps between checkpoints (0: only at the end)
+    keep_last: int = 2  # newest checkpoints kept
+    keep_best: int = 1  # best checkpoints by best_metric kept (besides the newest)
+    best_metric: str = "eval/loss"  # metric for best checkpoints and early stopping
+    best_mode: str = "min"  # min | max
+    patience: int = 0  # early stopping: evaluations without improvement before stopping (0: off)
+    min_delta: float = 0.0  # early stopping: smallest change that counts as an improvement
+    resume: str = "auto"  # auto (continue from run_dir's latest checkpoint) | never
+    run_dir: str = "${hydra:runtime.output_dir}"  # checkpoints, metrics.jsonl, tensorboard/, resolved config
+    progress: bool = True  # progress bar (only on a terminal)
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host; reads the cluster environment)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore (conf/config.yaml lists `train_schema` first)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate(cfg: TrainConfig, device_count: int) -> None:
+    """Reject impossible values with one line naming the key. device_count: local devices available."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
+    _check(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"must be one of {', '.join(DTYPES)}")
+    _check(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "must be none, full or dots")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    _check(cfg.method.name == "full", "method.name", cfg.method.name, "supported: full")
+    _check(bool(d.train), "data.train", [], "no training dataset (e.g. data=path/to/train.jsonl)")
+    _check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+    _check(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
+    _check(o.name in ("adamw", "adafactor", "sgd"), "optim.name", o.name, "must be adamw, adafactor or sgd")
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", o.schedule,
+           "must be cosine, linear or constant")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(o.warmup_steps < t.max_steps or o.warmup_steps == 0, "optim.warmup_steps", o.warmup_steps,
+           f"must be < trainer.max_steps={t.max_steps}")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _check(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "must be >= 0 (0: no clipping)")
+    _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
+    _check(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be >= 1")
+    devices = t.devices or device_count
+    _check(t.batch_size % devices == 0, "trainer.batch_size", t.batch_size,
+           f"must be divisible by the {devices} devices of the pmap step")
+    _check(t.grad_accum >= 1, "trainer.grad_accum", t.grad_accum, "must be >= 1")
+    _check(0 <= t.devices <= device_count, "trainer.devices", t.devices,
+           f"must be between 0 (all) and the {device_count} local devices")
+    for key in ("log_every", "eval_every", "save_every", "eval_batches", "num_samples", "patience"):
+        _check(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "must be >= 0")
+    _check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1")
+    _check(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "must be >= 1 (the newest checkpoint resumes)")
+    _check(t.keep_best >= 0, "trainer.keep_best", t.keep_best, "must be >= 0")
+    _check(t.best_mode in ("min", "max"), "trainer.best_mode", t.best_mode, "must be min or max")
+    _check(t.resume in ("auto", "never"), "trainer.resume", t.resume, "must be auto or never")
+    has_eval = bool(d.eval) or d.eval_fraction > 0
+    if t.best_metric.startswith("eval/"):
+        _check(has_eval or (t.patience == 0 and t.keep_best == 0), "trainer.best_metric", t.best_metric,
+               "needs an eval split (data.eval or data.eval_fraction > 0), or patience=0 and keep_best=0")

@@ -1,0 +1,1 @@
+"""Training objectives: each a loss over the same model (sft now; reward, dpo, distill later)."""

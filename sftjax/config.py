@@ -89,7 +89,7 @@ class TrainerSection:
     sample_tokens: int = 32  # max new tokens of each logged sample
     save_every: int = 50  # steps between checkpoints (0: only at the end)
     keep_last: int = 2  # newest checkpoints kept
-    keep_best: int = 1  # best checkpoints by best_metric kept (besides the newest)
+    keep_best: int = 1  # best checkpoints by best_metric kept (besides the newest; needs an eval split)
     best_metric: str = "eval/loss"  # metric for best checkpoints and early stopping
     best_mode: str = "min"  # min | max
     patience: int = 0  # early stopping: evaluations without improvement before stopping (0: off)
@@ -156,6 +156,7 @@ def validate(cfg: TrainConfig, device_count: int) -> None:
     _check(t.best_mode in ("min", "max"), "trainer.best_mode", t.best_mode, "must be min or max")
     _check(t.resume in ("auto", "never"), "trainer.resume", t.resume, "must be auto or never")
     has_eval = bool(d.eval) or d.eval_fraction > 0
-    if t.best_metric.startswith("eval/"):
-        _check(has_eval or (t.patience == 0 and t.keep_best == 0), "trainer.best_metric", t.best_metric,
-               "needs an eval split (data.eval or data.eval_fraction > 0), or patience=0 and keep_best=0")
+    _check(has_eval or t.patience == 0 or not t.best_metric.startswith("eval/"), "trainer.patience", t.patience,
+           f"early stopping on {t.best_metric} needs an eval split (data.eval or data.eval_fraction > 0)")
+    _check(t.best_metric.split("/")[0] in ("eval", "train"), "trainer.best_metric", t.best_metric,
+           "must be eval/<metric> or train/<metric>")

@@ -1,0 +1,115 @@
+"""Evaluation on held-out data: teacher-forced loss / perplexity / token accuracy, and generation exact match.
+
+Both are reported overall and per task (the datasets of the mixture, in order). Teacher-forced metrics run through
+the pmapped eval step over packed rows; generation takes each example's prompt (the tokens before its first
+trained token), decodes greedily, and compares the text up to EOS with the example's trained tokens (the
+reference answer), both stripped of surrounding whitespace.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from sftjax.data.masking import Tokenized
+from sftjax.data.pipeline import DataIterator, Prepared
+from sftjax.data.tokenizer import Tokenizer
+from sftjax.model.config import ModelConfig
+from sftjax.model.generate import generate
+from sftjax.model.transformer import Params
+
+_GENERATION_BATCH = 16  # prompts decoded together
+
+
+def task_names(prepared: Prepared) -> list[str]:
+    return [s.name for s in prepared.stats]
+
+
+def _summarise(sums: dict[str, np.ndarray], names: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+
+    def add(prefix, loss_sum, tokens, correct):
+        if tokens > 0:
+            loss = float(loss_sum / tokens)
+            out.update({f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50.0)),
+                        f"{prefix}accuracy": float(correct / tokens)})
+        out[f"{prefix}tokens"] = float(tokens)
+
+    add("", sums["loss_sum"], sums["tokens"], sums["correct"])
+    for t, name in enumerate(names):
+        add(f"{name}/", sums["task_loss_sum"][t], sums["task_tokens"][t], sums["task_correct"][t])
+    return out
+
+
+def teacher_forced(p_eval: Callable, trainable: Any, frozen: Any, data: Prepared, devices: int,
+                   max_batches: int = 0) -> dict[str, float]:
+    """loss, ppl, accuracy, tokens (overall and '<task>/...') over one pass of `data` (max_batches: 0 = all).
+
+    trainable / frozen: replicated trees; p_eval: the pmapped `eval_sums`.
+    """
+    totals: dict[str, np.ndarray] | None = None
+    for i, batch in enumerate(DataIterator(data, devices=devices)):
+        if max_batches and i >= max_batches:
+            break
+        sums = {k: np.asarray(v[0], np.float64) for k, v in p_eval(trainable, frozen, batch).items()}
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+    if totals is None:
+        return {}
+    return _summarise(totals, task_names(data))
+
+
+def split_prompt(example: Tokenized) -> tuple[list[int], list[int]]:
+    """(prompt tokens, reference tokens): the reference is the trained part of the example."""
+    trained = np.flatnonzero(example.mask)
+    first = int(trained[0]) if len(trained) else len(example.tokens)
+    return example.tokens[:first].tolist(), example.tokens[first:].tolist()
+
+
+def _text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    if tokenizer.eos_id is not None and tokenizer.eos_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def generations(model_cfg: ModelConfig, params: Params, tokenizer: Tokenizer, examples: list[Tokenized],
+                max_new_tokens: int) -> list[dict[str, Any]]:
+    """Greedy generations for examples: [{where, prompt, generated, reference, exact}]."""
+    eos = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    out = []
+    for start in range(0, len(examples), _GENERATION_BATCH):
+        chunk = examples[start:start + _GENERATION_BATCH]
+        prompts, references = zip(*(split_prompt(ex) for ex in chunk))
+        new = generate(model_cfg, params, [p or [tokenizer.bos_id or 0] for p in prompts], max_new_tokens,
+                       eos_token_ids=eos, pad_token_id=tokenizer.pad_id)
+        for ex, prompt, reference, generated in zip(chunk, prompts, references, new):
+            text, ref = _text(tokenizer, generated), _text(tokenizer, reference)
+            out.append({"where": ex.where, "prompt": tokenizer.decode(prompt), "generated": text, "reference": ref,
+                        "exact": text == ref})
+    return out
+
+
+def generation_accuracy(model_cfg: ModelConfig, params: Params, tokenizer: Tokenizer, data: Prepared,
+                        max_new_tokens: int, max_examples: int = 0) -> dict[str, float]:
+    """Exact-match accuracy of greedy generations, overall and per task ('<task>/exact_match')."""
+    out: dict[str, float] = {}
+    hits = total = 0
+    for name, examples in zip(task_names(data), data.datasets):
+        examples = examples[:max_examples] if max_examples else examples
+        results = generations(model_cfg, params, tokenizer, examples, max_new_tokens)
+        task_hits = sum(r["exact"] for r in results)
+        out[f"{name}/exact_match"] = task_hits / max(len(results), 1)
+        hits, total = hits + task_hits, total + len(results)
+    out["exact_match"] = hits / max(total, 1)
+    return out
+
+
+def sample_examples(data: Prepared, n: int) -> list[Tokenized]:
+    """n examples taken round-robin over the tasks (the first of each task first): deterministic."""
+    picked: list[Tokenized] = []
+    for i in range(max((len(d) for d in data.datasets), default=0)):
+        for examples in data.datasets:
+            if len(picked) < n and i < len(examples):
+                picked.append(examples[i])
+    return picked

@@ -1,0 +1,184 @@
+"""The training loop: setup -> (resume) -> steps, evaluation, early stopping, checkpoints -> final metric.
+
+    run_training(cfg) -> {"metric": trainer.best_metric at the end (when measured), ...final metrics}
+
+Exact resume: a checkpoint holds the train state (trainable weights, optimizer state, step, RNG) and, as JSON,
+the data iterator state, the early-stopping state, the resolved config and the fingerprint of the base weights.
+Batches depend only on the iterator state and the step's randomness only on (rng, step), so a run killed at any
+moment and resumed from its latest checkpoint computes exactly the steps the uninterrupted run computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sftjax.config import TrainConfig, validate
+from sftjax.data.pipeline import DataIterator
+from sftjax.errors import UserError
+from sftjax.train import evaluate
+from sftjax.train.checkpoint import Checkpointer, check_base, fingerprint
+from sftjax.train.metrics import MetricsWriter, Progress
+from sftjax.train.optim import make_optimizer, schedule
+from sftjax.train.setup import build_data, build_model, build_tokenizer
+from sftjax.train.state import device_mesh, init_state, merge_params, replicate, unreplicate
+from sftjax.train.step import compile_steps
+
+log = logging.getLogger("sftjax")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the run stops; the last checkpoint stays the last good state."""
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stop after `patience` evaluations without an improvement of at least `min_delta`."""
+
+    mode: str
+    patience: int
+    min_delta: float
+    best: float | None = None
+    bad_evals: int = 0
+
+    def update(self, value: float) -> bool:
+        """Record an evaluation; True when training should stop."""
+        better = self.best is None or (value < self.best - self.min_delta if self.mode == "min"
+                                       else value > self.best + self.min_delta)
+        if better:
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+
+def _next_batch(iterator: DataIterator, accum: int) -> tuple[dict[str, np.ndarray], int]:
+    """[devices, accum, b, T] arrays from `accum` consecutive batches, and their non-padding token count."""
+    parts = [next(iterator) for _ in range(accum)]
+    batch = {k: np.stack([p[k] for p in parts], axis=1) for k in parts[0]}
+    return batch, int((batch["segment_ids"] > 0).sum())
+
+
+def _first_replica(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None) -> dict[str, float]:
+    """Train as `cfg` says; return the final metrics, with "metric" = trainer.best_metric (for sweeps)."""
+    t, o = cfg.trainer, cfg.optim
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it renames at INFO
+    if t.distributed:
+        jax.distributed.initialize()  # reads the cluster environment (SLURM, TPU pods, JAX_COORDINATOR_*)
+    validate(cfg, jax.local_device_count())
+    devices = t.devices or jax.local_device_count()
+    run_dir = Path(t.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    model_cfg, params = build_model(cfg)
+    tokenizer = build_tokenizer(cfg, model_cfg)
+    train_data, eval_data = build_data(cfg, tokenizer, devices)
+    base_fingerprint = fingerprint(params)
+    trainable, frozen = params, {}  # full fine-tuning; LoRA / QLoRA split them (the LoRA issue)
+    optimizer = make_optimizer(o, t.max_steps)
+    lr_schedule = schedule(o, t.max_steps)
+    names = evaluate.task_names(train_data)
+    p_train, p_eval = compile_steps(model_cfg, optimizer, lr_schedule, len(names), devices)
+    mesh = device_mesh(devices)
+
+    keep_best = t.keep_best if eval_data is not None or not t.best_metric.startswith("eval/") else 0
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_last, keep_best=keep_best,
+                                best_metric=t.best_metric if keep_best else None, best_mode=t.best_mode)
+    stopper = EarlyStopping(t.best_mode, t.patience, t.min_delta)
+    state = init_state(trainable, optimizer, t.seed)
+    data_state = None
+    start = checkpointer.latest_step() if t.resume == "auto" else None
+    if start is not None:
+        state, extras = checkpointer.restore(jax.eval_shape(lambda: state), start)
+        check_base(extras, base_fingerprint)
+        data_state = extras["data_state"]
+        stopper = EarlyStopping(**extras["early_stopping"])
+        log.info("resuming %s from step %d", run_dir, start)
+    start = start or 0
+    state = replicate(state, mesh)
+    frozen_r = replicate(frozen, mesh)
+    iterator = DataIterator(train_data, devices=devices, process_index=jax.process_index(),
+                            process_count=jax.process_count(), state=data_state)
+    metrics_writer = MetricsWriter(run_dir, resume_step=start if start else None)
+    config_dump = resolved_config or dataclasses.asdict(cfg)
+    (run_dir / "config.json").write_text(json.dumps(config_dump, indent=2, default=str) + "\n")
+    log.info("model %s: %.2fM parameters (%.2fM trainable); data: %s; run dir %s", cfg.model.path,
+             model_cfg.num_params() / 1e6, sum(x.size for x in jax.tree.leaves(trainable)) / 1e6,
+             ", ".join(f"{s.name} {s.kept}" for s in train_data.stats), run_dir)
+
+    def run_eval(step: int) -> dict[str, float]:
+        if eval_data is None:
+            return {}
+        result = evaluate.teacher_forced(p_eval, state["trainable"], frozen_r, eval_data, devices, t.eval_batches)
+        if t.num_samples:
+            params_now = merge_params(frozen, _first_replica(state["trainable"]))
+            samples = evaluate.generations(model_cfg, params_now, tokenizer,
+                                           evaluate.sample_examples(eval_data, t.num_samples), t.sample_tokens)
+            for i, s in enumerate(samples):
+                metrics_writer.write_text(step, f"sample/{i}", json.dumps(s, ensure_ascii=False))
+        metrics_writer.write(step, result, split="eval")
+        return {f"eval/{k}": v for k, v in result.items()}
+
+    def save(step: int, metrics: dict[str, float]) -> None:
+        extras = {"data_state": iterator.state(), "early_stopping": dataclasses.asdict(stopper),
+                  "config": config_dump, "base_fingerprint": base_fingerprint, "metrics": metrics}
+        checkpointer.save(step, unreplicate(state), extras, metrics)
+
+    progress = Progress(t.max_steps, start, force=None if t.progress else False)
+    last: dict[str, float] = {}
+    step, stop_early = start, False
+    window_tokens, window_start = 0, time.perf_counter()
+    try:
+        while step < t.max_steps and not stop_early:
+            batch, tokens = _next_batch(iterator, t.grad_accum)
+            state, step_metrics = p_train(state, frozen_r, batch)
+            step += 1
+            window_tokens += tokens
+            is_eval = eval_data is not None and t.eval_every and step % t.eval_every == 0
+            is_save = t.save_every and step % t.save_every == 0
+            if step % t.log_every == 0 or is_eval or is_save or step == t.max_steps:
+                host = {k: float(v[0]) for k, v in step_metrics.items()}
+                if not host.pop("finite"):
+                    raise TrainingDiverged(f"non-finite loss or gradient at step {step} (loss {host['loss']}): "
+                                           f"stopped; the last checkpoint in {run_dir / 'checkpoints'} is the "
+                                           f"last good state (lower optim.lr or set optim.max_grad_norm)")
+                elapsed = time.perf_counter() - window_start
+                host["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                window_tokens, window_start = 0, time.perf_counter()
+                metrics_writer.write(step, host, split="train")
+                progress.update(step, host["loss"], host["tokens_per_s"])
+                last = {f"train/{k}": v for k, v in host.items()}
+            if is_eval:
+                last.update(run_eval(step))
+                if t.patience and t.best_metric in last:
+                    stop_early = stopper.update(last[t.best_metric])
+                    if stop_early:
+                        log.info("early stopping at step %d: %s did not improve for %d evaluations (best %.4f)",
+                                 step, t.best_metric, t.patience, stopper.best)
+            if is_save:
+                save(step, last)
+        if eval_data is not None and not (t.eval_every and step % t.eval_every == 0):
+            last.update(run_eval(step))
+        if checkpointer.latest_step() != step:
+            save(step, last)
+    finally:
+        progress.close()
+        checkpointer.wait()
+        checkpointer.close()
+        metrics_writer.close()
+    last["step"] = float(step)
+    if t.best_metric in last:
+        last["metric"] = last[t.best_metric]
+    (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2, sort_keys=True) + "\n")
+    return last

@@ -15,11 +15,14 @@ A user error (bad config value, bad data line, missing tensor) prints one line a
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sftjax.config import register
 from sftjax.errors import UserError
@@ -65,10 +68,28 @@ def _app(cfg: DictConfig) -> float | None:
     return result.get("metric")
 
 
+def _one_line(error: BaseException) -> str:
+    """Hydra / OmegaConf messages span several lines (key, types, hints): keep what names the problem."""
+    noise = ("reference_type", "object_type", "full_key", "Set the environment", "msg:", "Config search path",
+             "provider=")
+    parts: list[str] = []
+    while error is not None:
+        parts += [line.strip() for line in str(error).splitlines()
+                  if line.strip() and not line.strip().startswith(noise) and line.strip() not in parts]
+        error = error.__cause__
+    return " ".join(parts)
+
+
 def main() -> None:
     register()
     sys.argv = [sys.argv[0], *expand_shorthands(sys.argv[1:])]
-    _app()
+    # Let configuration errors reach us instead of Hydra's multi-line report; bugs keep their traceback.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _app()
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"sftjax-train: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(_EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -98,19 +98,22 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     stopper = EarlyStopping(t.best_mode, t.patience, t.min_delta)
     state = init_state(trainable, optimizer, t.seed)
     data_state = None
-    start = checkpointer.latest_step() if t.resume == "auto" else None
+    start = checkpointer.latest_step()
+    if start is not None and t.resume == "never":
+        raise UserError(f"trainer.resume=never: {run_dir / 'checkpoints'} already holds checkpoints (latest step "
+                        f"{start}); use trainer.resume=auto to continue, or a new trainer.run_dir")
     if start is not None:
         state, extras = checkpointer.restore(jax.eval_shape(lambda: state), start)
         check_base(extras, base_fingerprint)
         data_state = extras["data_state"]
         stopper = EarlyStopping(**extras["early_stopping"])
-        log.info("resuming %s from step %d", run_dir, start)
+        log.warning("resuming %s from step %d", run_dir, start)
     start = start or 0
     state = replicate(state, mesh)
     frozen_r = replicate(frozen, mesh)
     iterator = DataIterator(train_data, devices=devices, process_index=jax.process_index(),
                             process_count=jax.process_count(), state=data_state)
-    metrics_writer = MetricsWriter(run_dir, resume_step=start if start else None)
+    metrics_writer = MetricsWriter(run_dir, resume_step=start)  # drops lines a killed run wrote after `start`
     config_dump = resolved_config or dataclasses.asdict(cfg)
     (run_dir / "config.json").write_text(json.dumps(config_dump, indent=2, default=str) + "\n")
     log.info("model %s: %.2fM parameters (%.2fM trainable); data: %s; run dir %s", cfg.model.path,

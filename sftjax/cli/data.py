@@ -1,50 +1,53 @@
 """`sftjax-data`: inspect a dataset the way training will see it, before spending accelerator hours.
 
-    sftjax-data --tokenizer MODEL_DIR data/chat.jsonl data/alpaca.jsonl --weights 3 1 --seq-len 2048 --show 2
+    sftjax-data model=path/to/model data=train.jsonl data.seq_len=2048 --show 2
+    sftjax-data model.tokenizer=path/to/tok 'data.train=[{path:a.jsonl,weight:3},{path:b.jsonl,weight:1}]' --json
 
-Reports, per task: records, kept, dropped (empty loss mask / over seq_len), truncated, tokens and trained tokens
-(mean and max lengths), then packing efficiency over one epoch and N rendered examples with the trained tokens
-marked as [[...]]. `--json` prints the same as one JSON object. Bad input prints one line and exits with 2.
-(argparse for now; the Hydra data config of training replaces it with the training issue.)
+It reads the same Hydra configuration as `sftjax-train` (conf/, the same overrides and shorthands), so what it
+reports is what training will get: per task, records, kept, dropped (empty loss mask / over seq_len), truncated,
+tokens and trained tokens (mean and max lengths); packing efficiency over one epoch; N rendered examples with the
+trained tokens marked as [[...]]; the same for the eval split when there is one. `--json` prints one JSON object.
+Bad input prints one line and exits with 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 
 import numpy as np
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
-from sftjax.data.masking import MASK_MODES, Tokenized
-from sftjax.data.packing import OVER_LONG, PACKING
-from sftjax.data.pipeline import DataConfig, DataIterator, DatasetSpec, prepare
-from sftjax.data.tokenizer import Tokenizer, load_tokenizer
+from sftjax.cli.common import compose_config, fail, one_line
+from sftjax.data.masking import Tokenized
+from sftjax.data.pipeline import DataIterator, Prepared
+from sftjax.data.tokenizer import Tokenizer
 from sftjax.errors import UserError
+from sftjax.train.setup import build_data, build_tokenizer, model_config
 
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"  # marks around trained tokens in rendered examples
-_EXIT_USER_ERROR = 2
+_USAGE = "usage: sftjax-data [--show N] [--json] [Hydra overrides of the training config ...]"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sftjax-data", description=__doc__.splitlines()[0])
-    p.add_argument("datasets", nargs="+", help="local .jsonl / .json files (one task each)")
-    p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (+ tokenizer_config.json)")
-    p.add_argument("--chat-template", default=None, help="built-in name (chatml, llama3) or a .jinja file")
-    p.add_argument("--weights", type=float, nargs="+", default=None, help="mixture weight per dataset")
-    p.add_argument("--format", default="auto", help="auto | chat | prompt_completion | alpaca | text")
-    p.add_argument("--as-chat", action="store_true", help="render prompt/completion and Alpaca as chats")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--mask", choices=MASK_MODES, default="completion")
-    p.add_argument("--no-eos", action="store_true", help="do not append EOS")
-    p.add_argument("--over-long", choices=OVER_LONG, default="truncate")
-    p.add_argument("--packing", choices=PACKING, default="bfd")
-    p.add_argument("--pack-window", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--show", type=int, default=2, help="rendered examples to print per task")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return p.parse_args(argv)
+def parse_args(argv: list[str]) -> tuple[int, bool, list[str]]:
+    """(--show N, --json, the Hydra overrides): our two flags are taken out, everything else goes to Hydra."""
+    show, as_json, overrides = 2, False, []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--json":
+            as_json = True
+        elif arg == "--show" or arg.startswith("--show="):
+            value = arg.partition("=")[2] or next(args, "")
+            if not value.isdigit():
+                raise UserError(f"--show {value!r}: expected a number of examples ({_USAGE})")
+            show = int(value)
+        elif arg.startswith("-"):
+            raise UserError(f"unknown option {arg!r} ({_USAGE})")
+        else:
+            overrides.append(arg)
+    return show, as_json, overrides
 
 
 def render_marked(tok: Tokenizer, ex: Tokenized) -> str:
@@ -58,49 +61,56 @@ def render_marked(tok: Tokenizer, ex: Tokenized) -> str:
     return "".join(out)
 
 
-def report(args: argparse.Namespace) -> dict:
-    tok = load_tokenizer(args.tokenizer, args.chat_template)
-    weights = args.weights or [None] * len(args.datasets)
-    if len(weights) != len(args.datasets):
-        raise UserError(f"--weights: {len(weights)} given for {len(args.datasets)} datasets")
-    cfg = DataConfig(datasets=[DatasetSpec(p, w, args.format, as_chat=args.as_chat)
-                               for p, w in zip(args.datasets, weights)],
-                     seq_len=args.seq_len, mask=args.mask, append_eos=not args.no_eos, over_long=args.over_long,
-                     packing=args.packing, pack_window=args.pack_window, per_device_batch=1, seed=args.seed)
-    prepared = prepare(cfg, tok)
-    it = DataIterator(prepared)
+def split_report(prepared: Prepared, tok: Tokenizer, show: int) -> dict:
+    """Counts, lengths, rendered examples and packing over one epoch of a split."""
+    one_epoch = dataclasses.replace(prepared.config, num_epochs=1)  # training streams without end
+    it = DataIterator(dataclasses.replace(prepared, config=one_epoch))
     rows = sum(1 for _ in it)
     tasks = []
     for task_id, (st, examples) in enumerate(zip(prepared.stats, prepared.datasets)):
         lengths = np.array([len(e.tokens) for e in examples])
-        tasks.append({"task_id": task_id, **dataclasses.asdict(st), "mean_tokens": round(float(lengths.mean()), 1),
-                      "max_tokens": int(lengths.max()),
-                      "examples": [{"where": e.where, "text": render_marked(tok, e)} for e in examples[:args.show]]})
-    return {"tasks": tasks, "seq_len": args.seq_len, "rows_per_epoch": rows,
+        tasks.append({"task_id": task_id, **dataclasses.asdict(st), "used": len(examples),
+                      "mean_tokens": round(float(lengths.mean()), 1), "max_tokens": int(lengths.max()),
+                      "examples": [{"where": e.where, "text": render_marked(tok, e)} for e in examples[:show]]})
+    return {"tasks": tasks, "seq_len": prepared.config.seq_len, "rows_per_epoch": rows,
             "packing_efficiency": round(it.efficiency, 4)}
 
 
+def report(overrides: list[str], show: int) -> dict:
+    cfg = compose_config(overrides)
+    tok = build_tokenizer(cfg, model_config(cfg))
+    cfg.trainer.batch_size = 1  # one row per batch: counts rows exactly
+    train, held_out = build_data(cfg, tok, devices=1)
+    result = {"train": split_report(train, tok, show)}
+    if held_out is not None:
+        result["eval"] = split_report(held_out, tok, show)
+    return result
+
+
 def print_text(result: dict) -> None:
-    for t in result["tasks"]:
-        print(f"task {t['task_id']} {t['name']} ({t['path']}): {t['records']} records, {t['kept']} kept, "
-              f"dropped {t['dropped_empty_mask']} empty-mask + {t['dropped_too_long']} too long, "
-              f"{t['truncated']} truncated")
-        print(f"  tokens {t['tokens']} (trained {t['trained_tokens']}), per example mean {t['mean_tokens']} "
-              f"max {t['max_tokens']}")
-        for ex in t["examples"]:
-            print(f"  --- {ex['where']} (trained tokens in {TRAINED_OPEN} {TRAINED_CLOSE})\n{ex['text']}")
-    print(f"packing: {result['rows_per_epoch']} rows of {result['seq_len']} per epoch, "
-          f"efficiency {result['packing_efficiency']:.1%}")
+    for split, r in result.items():
+        print(f"== {split}")
+        for t in r["tasks"]:
+            print(f"task {t['task_id']} {t['name']} ({t['path']}): {t['records']} records, {t['kept']} kept, "
+                  f"dropped {t['dropped_empty_mask']} empty-mask + {t['dropped_too_long']} too long, "
+                  f"{t['truncated']} truncated; {t['used']} in this split")
+            print(f"  tokens {t['tokens']} (trained {t['trained_tokens']}), per example mean {t['mean_tokens']} "
+                  f"max {t['max_tokens']}")
+            for ex in t["examples"]:
+                print(f"  --- {ex['where']} (trained tokens in {TRAINED_OPEN} {TRAINED_CLOSE})\n{ex['text']}")
+        print(f"packing: {r['rows_per_epoch']} rows of {r['seq_len']} per epoch, "
+              f"efficiency {r['packing_efficiency']:.1%}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
-        result = report(args)
+        show, as_json, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        result = report(overrides, show)
     except UserError as e:
-        print(f"sftjax-data: error: {e}", file=sys.stderr)
-        return _EXIT_USER_ERROR
-    if args.json:
+        return fail("sftjax-data", str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        return fail("sftjax-data", one_line(e))
+    if as_json:
         print(json.dumps(result, ensure_ascii=False))
     else:
         print_text(result)

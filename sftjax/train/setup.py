@@ -16,9 +16,15 @@ from sftjax.config import DatasetSection, TrainConfig
 from sftjax.data.pipeline import DataConfig, DatasetSpec, Prepared, prepare
 from sftjax.data.tokenizer import Tokenizer, load_tokenizer
 from sftjax.errors import ConfigError
-from sftjax.model.config import ModelConfig
+from sftjax.model.config import ModelConfig, load_hf_config, preset
 from sftjax.model.hf import load_pretrained
 from sftjax.model.transformer import Params
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The architecture alone (config.json or the preset), without loading weights."""
+    path = cfg.model.path
+    return load_hf_config(path) if Path(path).is_dir() else preset(path)
 
 
 def build_model(cfg: TrainConfig) -> tuple[ModelConfig, Params]:
@@ -29,6 +35,7 @@ def build_model(cfg: TrainConfig) -> tuple[ModelConfig, Params]:
 
 
 def build_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> Tokenizer:
+    """The tokenizer of model.tokenizer (default: the model directory), checked against the model's vocabulary."""
     directory = cfg.model.tokenizer or cfg.model.path
     if not (Path(directory) / "tokenizer.json").is_file():
         key = "model.tokenizer" if cfg.model.tokenizer else "model.path"

@@ -1,0 +1,63 @@
+"""What the command-line entry points share: the run configuration (conf/ through Hydra), its shorthands, and
+one-line reporting of user errors.
+
+    model=<existing directory>   ->  model=hf model.path=<directory>
+    data=<existing .jsonl/.json> ->  data.train=[{path:<file>}]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from sftjax.config import TrainConfig, register
+
+EXIT_USER_ERROR = 2
+_MODEL_OPTIONS = ("tiny-llama", "bench-llama", "llama-3.2-1b", "hf")  # conf/model/*.yaml
+_HYDRA_NOISE = ("reference_type", "object_type", "full_key", "Set the environment", "msg:", "Config search path",
+                "provider=")
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def expand_shorthands(args: list[str]) -> list[str]:
+    """Rewrite `model=<dir>` and `data=<file>` into the overrides they stand for (see the module docstring)."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key == "model" and value not in _MODEL_OPTIONS and Path(value).is_dir():
+            out += ["model=hf", f"model.path={_quote(value)}"]
+        elif sep and key == "data" and Path(value).suffix in (".jsonl", ".json") and Path(value).is_file():
+            out.append(f"data.train=[{{path:{_quote(value)}}}]")
+        else:
+            out.append(arg)
+    return out
+
+
+def one_line(error: BaseException) -> str:
+    """Hydra / OmegaConf messages span several lines (key, types, hints): keep what names the problem."""
+    parts: list[str] = []
+    while error is not None:
+        parts += [line.strip() for line in str(error).splitlines()
+                  if line.strip() and not line.strip().startswith(_HYDRA_NOISE) and line.strip() not in parts]
+        error = error.__cause__
+    return " ".join(parts)
+
+
+def compose_config(overrides: list[str]) -> TrainConfig:
+    """The TrainConfig that `sftjax-train <overrides>` would run with (outside a Hydra run: no run directory)."""
+    from hydra import compose, initialize_config_module
+
+    register()
+    with initialize_config_module("sftjax.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*expand_shorthands(overrides), "trainer.run_dir=."])
+    return OmegaConf.to_object(cfg)
+
+
+def fail(program: str, message: str) -> int:
+    print(f"{program}: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR

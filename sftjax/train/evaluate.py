@@ -8,6 +8,7 @@ reference answer), both stripped of surrounding whitespace.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -103,6 +104,16 @@ def generation_accuracy(model_cfg: ModelConfig, params: Params, tokenizer: Token
         hits, total = hits + task_hits, total + len(results)
     out["exact_match"] = hits / max(total, 1)
     return out
+
+
+def one_pass(data: Prepared, max_examples: int = 0) -> Prepared:
+    """`data` as an evaluation set: one epoch visiting every example exactly once, at most `max_examples` per task
+    (0: all). Mixture weights are dropped: with weights, an epoch draws round(E * w_i / sum(w)) examples of task i,
+    repeating some examples and skipping others."""
+    specs = [dataclasses.replace(s, weight=None) for s in data.config.datasets]
+    config = dataclasses.replace(data.config, datasets=specs, num_epochs=1)
+    datasets = [d[:max_examples] for d in data.datasets] if max_examples else data.datasets
+    return dataclasses.replace(data, config=config, datasets=datasets)
 
 
 def sample_examples(data: Prepared, n: int) -> list[Tokenized]:

@@ -1,0 +1,229 @@
+"""`sftjax-eval`: loss, perplexity, token accuracy and exact match of a base model or a run's checkpoint, per task.
+
+    sftjax-eval --model path/to/hf_dir --data test.jsonl --data other.jsonl data.seq_len=1024
+    sftjax-eval --run runs/2026-11-24/12-00-00 --best --json               # on the run's own eval split
+    sftjax-eval --run RUN_DIR --step 200 --data test.jsonl --output eval.json
+
+A task is one dataset, named by its file stem. Teacher-forced metrics are means over the trained tokens (the loss
+mask of training), every example counted once; exact match compares the greedy continuation of each example's
+prompt (its tokens before the first trained one), cut at EOS, with the trained tokens, both decoded and stripped.
+
+The settings come from the training configuration: with --model, the one `sftjax-train model=<MODEL>` would use;
+with --run, RUN_DIR/config.json, and the weights from RUN_DIR/checkpoints (the latest, --step N or --best),
+refused if the run was trained on another base than model.path holds now. Trailing key=value arguments override
+it as they would sftjax-train's (data.seq_len=1024 data.mask=all data.chat_template=chatml model.dtype=bfloat16
+trainer.batch_size=16). A user error prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sftjax.cli.common import compose_config, fail, one_line
+from sftjax.config import DatasetSection, TrainConfig
+from sftjax.data.pipeline import Prepared
+from sftjax.data.tokenizer import Tokenizer
+from sftjax.errors import CheckpointError, UserError
+from sftjax.model.config import PRESETS
+from sftjax.train import evaluate
+from sftjax.train.checkpoint import Checkpointer, check_base, fingerprint
+from sftjax.train.optim import make_optimizer
+from sftjax.train.setup import build_data, build_model, build_tokenizer
+from sftjax.train.state import device_mesh, init_state, merge_params, replicate
+from sftjax.train.step import AXIS, eval_sums
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sftjax-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="base model: local HF directory or preset name (as sftjax-train model=)")
+    source.add_argument("--run", help="training run directory (config.json, checkpoints/)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="with --run: the checkpoint of this step (default: the latest)")
+    which.add_argument("--best", action="store_true", help="with --run: the best checkpoint by trainer.best_metric")
+    p.add_argument("--data", action="append", default=[], metavar="FILE",
+                   help="dataset to evaluate on, one task each (repeat); default with --run: the run's eval split")
+    p.add_argument("--tokenizer", help="directory with tokenizer.json (sets model.tokenizer)")
+    p.add_argument("--format", default="auto", help="format of the --data files: auto | chat | prompt_completion | "
+                                                     "alpaca | text")
+    p.add_argument("--as-chat", action="store_true", help="render --data prompt/completion and Alpaca as chats")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation length for exact match (0: skip it)")
+    p.add_argument("--max-examples", type=int, default=0, help="evaluate the first N examples of each task (0: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE (must not exist)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="training-config overrides (data.*, model.dtype, "
+                                                                     "trainer.batch_size, ...)")
+    return p.parse_intermixed_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What can be refused before loading anything."""
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise UserError(f"{bad[0]!r}: expected a key=value override of the training config (e.g. data.seq_len=1024)")
+    if args.model and (args.step is not None or args.best):
+        raise UserError("--step / --best choose a checkpoint of --run; a --model has none")
+    if args.model and not args.data:
+        raise UserError("--model needs --data (the datasets to evaluate on)")
+    if args.max_new_tokens < 0 or args.max_examples < 0:
+        raise UserError("--max-new-tokens and --max-examples must be >= 0")
+    if args.output and Path(args.output).exists():
+        raise UserError(f"--output {args.output}: already exists; not overwriting it")
+    if args.output and not Path(args.output).absolute().parent.is_dir():
+        raise UserError(f"--output {args.output}: no such directory")
+
+
+def load_config(args: argparse.Namespace) -> TrainConfig:
+    if args.model:
+        if not Path(args.model).is_dir() and args.model not in PRESETS:
+            raise UserError(f"--model {args.model}: no such model directory (nor a preset: {', '.join(PRESETS)})")
+        cfg = compose_config([f"model={args.model}", *args.overrides])
+    else:
+        path = Path(args.run) / "config.json"
+        if not path.is_file():
+            raise UserError(f"--run {args.run}: not a training run directory (no config.json)")
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+        for override in args.overrides:
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+            except OmegaConfBaseException as e:
+                raise UserError(f"{override}: {one_line(e)}") from None
+        cfg = OmegaConf.to_object(merged)
+    if args.tokenizer:
+        cfg.model.tokenizer = args.tokenizer
+    return cfg
+
+
+def restore_trainable(cfg: TrainConfig, args: argparse.Namespace, params: Any) -> tuple[Any, Any, int]:
+    """(trainable, frozen, step) of the chosen checkpoint, split from `params` (the base) as run_training does."""
+    directory, t = Path(args.run) / "checkpoints", cfg.trainer
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no checkpoint directory (the run saved nothing yet)")
+    trainable, frozen = params, {}  # full fine-tuning: every weight is trained, nothing frozen
+    optimizer = make_optimizer(cfg.optim, t.max_steps)
+    abstract = jax.eval_shape(lambda s=init_state(trainable, optimizer, t.seed): s)  # the loop's train state
+    with Checkpointer(directory, keep_last=max(t.keep_last, 1), keep_best=1, best_metric=t.best_metric,
+                      best_mode=t.best_mode) as checkpointer:
+        step = checkpointer.best_step() if args.best else args.step
+        if step is None and args.best:
+            raise CheckpointError(f"{directory}: no checkpoint ranked by {t.best_metric} (did the run evaluate?); "
+                                  "use --step N or the latest")
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{directory}: no checkpoint to evaluate")
+        state, extras = checkpointer.restore(abstract, step)
+    check_base(extras, fingerprint(params))
+    return state["trainable"], frozen, step
+
+
+def eval_data(cfg: TrainConfig, tokenizer: Tokenizer, args: argparse.Namespace) -> Prepared:
+    """The --data files (under the run's data settings), or the run's eval split; every example once."""
+    if args.data:
+        sections = [DatasetSection(path=p, format=args.format, as_chat=args.as_chat) for p in args.data]
+        only = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=sections, eval=[], eval_fraction=0))
+        data = build_data(only, tokenizer, devices=1)[0]
+    else:
+        data = build_data(cfg, tokenizer, devices=1)[1]
+        if data is None:
+            raise UserError(f"--run {args.run}: the run has no eval split (data.eval or data.eval_fraction); "
+                            "give --data")
+    names = evaluate.task_names(data)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"two datasets are named {twice[0]!r} (tasks are named by file stem): rename one")
+    return evaluate.one_pass(data, args.max_examples)
+
+
+def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
+    """The result object: {model, run, step, tasks: {name: metrics}, overall: metrics}."""
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it opens at INFO
+    check_args(args)
+    cfg = load_config(args)
+    model_cfg, params = build_model(cfg)
+    tokenizer = build_tokenizer(cfg, model_cfg)
+    data = eval_data(cfg, tokenizer, args)
+    step = None
+    trainable, frozen = params, {}
+    if args.run:
+        trainable, frozen, step = restore_trainable(cfg, args, params)
+    del params
+    names = evaluate.task_names(data)
+    # The eval half of step.compile_steps, on one device.
+    p_eval = jax.pmap(functools.partial(eval_sums, cfg=model_cfg, num_tasks=len(names)), axis_name=AXIS,
+                      devices=jax.local_devices()[:1])
+    mesh = device_mesh(1)
+    forced = evaluate.teacher_forced(p_eval, replicate(trainable, mesh), replicate(frozen, mesh), data, devices=1)
+    exact = {}
+    if args.max_new_tokens:
+        exact = evaluate.generation_accuracy(model_cfg, merge_params(frozen, trainable), tokenizer, data,
+                                             args.max_new_tokens)
+
+    def metrics(prefix: str, examples: int) -> dict[str, Any]:
+        return {"examples": examples, "tokens": int(forced[f"{prefix}tokens"]), "loss": forced[f"{prefix}loss"],
+                "ppl": forced[f"{prefix}ppl"], "accuracy": forced[f"{prefix}accuracy"],
+                "exact_match": exact.get(f"{prefix}exact_match")}
+
+    return {"model": cfg.model.path, "run": args.run, "step": step,
+            "tasks": {n: metrics(f"{n}/", len(d)) for n, d in zip(names, data.datasets)},
+            "overall": metrics("", sum(map(len, data.datasets)))}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    where = f" (run {result['run']}, step {result['step']})" if result["run"] else ""
+    print(f"model {result['model']}{where}")
+    rows = [*result["tasks"].items(), ("overall", result["overall"])]
+    width = max(len(name) for name, _ in rows)
+    print(f"{'task':<{width}}  {'examples':>8}  {'tokens':>8}  {'loss':>8}  {'ppl':>10}  {'token acc':>9}  "
+          f"{'exact match':>11}")
+    for name, m in rows:
+        exact = "-" if m["exact_match"] is None else f"{m['exact_match']:.2%}"
+        print(f"{name:<{width}}  {m['examples']:>8}  {m['tokens']:>8}  {m['loss']:>8.4f}  {m['ppl']:>10.4g}  "
+              f"{m['accuracy']:>9.2%}  {exact:>11}")
+
+
+def write_output(path: str, result: dict[str, Any]) -> None:
+    try:
+        with open(path, "x") as f:  # "x": never overwrite, even if the file appeared while evaluating
+            f.write(json.dumps(result, indent=2) + "\n")
+    except FileExistsError:
+        raise UserError(f"--output {path}: already exists; not overwriting it") from None
+    except OSError as e:
+        raise UserError(f"--output {path}: {e.strerror}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = evaluate_all(args)
+        if args.output:
+            write_output(args.output, result)
+    except UserError as e:
+        return fail("sftjax-eval", str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        return fail("sftjax-eval", one_line(e))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -78,7 +78,7 @@ class OptimSection:
 @dataclasses.dataclass
 class TrainerSection:
     max_steps: int = 100  # optimizer steps
-    batch_size: int = 8  # global packed rows per micro-batch, split evenly over the devices
+    batch_size: int = 8  # global packed rows per micro-batch, split evenly over the devices (of all hosts)
     grad_accum: int = 1  # micro-batches per optimizer step (lax.scan)
     devices: int = 0  # devices for the pmap step (0: all local devices)
     seed: int = 0  # seed of dropout and everything else random in training
@@ -119,8 +119,8 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
-def validate(cfg: TrainConfig, device_count: int) -> None:
-    """Reject impossible values with one line naming the key. device_count: local devices available."""
+def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> None:
+    """Reject impossible values with one line naming the key. device_count: local devices of this process."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
     _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
     _check(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"must be one of {', '.join(DTYPES)}")
@@ -142,7 +142,7 @@ def validate(cfg: TrainConfig, device_count: int) -> None:
     _check(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "must be >= 0 (0: no clipping)")
     _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
     _check(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be >= 1")
-    devices = t.devices or device_count
+    devices = (t.devices or device_count) * process_count
     _check(t.batch_size % devices == 0, "trainer.batch_size", t.batch_size,
            f"must be divisible by the {devices} devices of the pmap step")
     _check(t.grad_accum >= 1, "trainer.grad_accum", t.grad_accum, "must be >= 1")

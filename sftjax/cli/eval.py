@@ -118,9 +118,10 @@ def restore_trainable(cfg: TrainConfig, args: argparse.Namespace, params: Any) -
         raise CheckpointError(f"{directory}: no checkpoint directory (the run saved nothing yet)")
     trainable, frozen = params, {}  # full fine-tuning: every weight is trained, nothing frozen
     optimizer = make_optimizer(cfg.optim, t.max_steps)
-    abstract = jax.eval_shape(lambda s=init_state(trainable, optimizer, t.seed): s)  # the loop's train state
-    with Checkpointer(directory, keep_last=max(t.keep_last, 1), keep_best=1, best_metric=t.best_metric,
-                      best_mode=t.best_mode) as checkpointer:
+    abstract = jax.eval_shape(lambda: init_state(trainable, optimizer, t.seed))  # the loop's train state
+    # read_only: a training may still be writing here; never clean up its save in progress.
+    with Checkpointer(directory, read_only=True, keep_last=max(t.keep_last, 1), keep_best=1,
+                      best_metric=t.best_metric, best_mode=t.best_mode) as checkpointer:
         step = checkpointer.best_step() if args.best else args.step
         if step is None and args.best:
             raise CheckpointError(f"{directory}: no checkpoint ranked by {t.best_metric} (did the run evaluate?); "

@@ -107,6 +107,8 @@ class Checkpointer:
       best_metric: key of the eval metrics ranking checkpoints (e.g. "eval/loss"); needed when keep_best > 0.
       best_mode: "min" or "max": which direction of `best_metric` is better.
       save_async: write in a background thread; `save` returns once arrays are copied off the device.
+      read_only: only restore (evaluation, inspection): never create the directory, never clean up temporary
+        directories (they may be a running training's save in progress), refuse `save`.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class Checkpointer:
         best_metric: str | None = None,
         best_mode: Literal["min", "max"] = "min",
         save_async: bool = True,
+        read_only: bool = False,
     ):
         if keep_last < 1:
             raise ConfigError(f"checkpoint keep_last must be >= 1 (the resume point), got {keep_last}")
@@ -146,8 +149,9 @@ class Checkpointer:
             best_mode=best_mode,
             preservation_policy=ocp_preservation.AnyPreservationPolicy(policies),
             enable_async_checkpointing=save_async,
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         try:
             self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)

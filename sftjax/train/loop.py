@@ -76,7 +76,7 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it renames at INFO
     if t.distributed:
         jax.distributed.initialize()  # reads the cluster environment (SLURM, TPU pods, JAX_COORDINATOR_*)
-    validate(cfg, jax.local_device_count())
+    validate(cfg, jax.local_device_count(), jax.process_count())
     devices = t.devices or jax.local_device_count()
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,14 +96,15 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_last, keep_best=keep_best,
                                 best_metric=t.best_metric if keep_best else None, best_mode=t.best_mode)
     stopper = EarlyStopping(t.best_mode, t.patience, t.min_delta)
-    state = init_state(trainable, optimizer, t.seed)
     data_state = None
     start = checkpointer.latest_step()
     if start is not None and t.resume == "never":
         raise UserError(f"trainer.resume=never: {run_dir / 'checkpoints'} already holds checkpoints (latest step "
                         f"{start}); use trainer.resume=auto to continue, or a new trainer.run_dir")
-    if start is not None:
-        state, extras = checkpointer.restore(jax.eval_shape(lambda: state), start)
+    if start is None:
+        state = init_state(trainable, optimizer, t.seed)
+    else:  # restore into the shapes of a fresh state without allocating one
+        state, extras = checkpointer.restore(jax.eval_shape(lambda: init_state(trainable, optimizer, t.seed)), start)
         check_base(extras, base_fingerprint)
         data_state = extras["data_state"]
         stopper = EarlyStopping(**extras["early_stopping"])

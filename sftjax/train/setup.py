@@ -10,6 +10,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from sftjax.config import DatasetSection, TrainConfig
@@ -19,6 +20,7 @@ from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig, load_hf_config, preset
 from sftjax.model.hf import load_pretrained
 from sftjax.model.transformer import Params
+from sftjax.train.evaluate import one_pass
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -73,16 +75,23 @@ def split_holdout(prepared: Prepared, fraction: float, seed: int) -> tuple[Prepa
 
 
 def build_data(cfg: TrainConfig, tokenizer: Tokenizer, devices: int) -> tuple[Prepared, Prepared | None]:
-    """(train data, streamed without end; eval data, one epoch, or None). Batches are [devices, b, T]."""
-    per_device = cfg.trainer.batch_size // devices
+    """(train data, streamed without end; eval data: every example once, or None). Batches are [devices, b, T].
+
+    devices: local devices of this process; every process of a multi-host run gets its own rows.
+    """
+    per_device = cfg.trainer.batch_size // (devices * jax.process_count())
     train = prepare(_data_config(cfg, cfg.data.train, per_device, num_epochs=None), tokenizer)
+    names = [s.name for s in train.stats]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"data.train[{i}]: task name {name!r} is taken by data.train[{names.index(name)}] "
+                              f"(names default to the file stem): set data.train[{i}].name")
     if cfg.data.eval:
         if len(cfg.data.eval) != len(cfg.data.train):
             raise ConfigError(f"data.eval: {len(cfg.data.eval)} datasets for {len(cfg.data.train)} training tasks; "
                               "give one held-out dataset per training dataset, in the same order")
-        return train, prepare(_data_config(cfg, cfg.data.eval, per_device, num_epochs=1), tokenizer)
+        return train, one_pass(prepare(_data_config(cfg, cfg.data.eval, per_device, num_epochs=1), tokenizer))
     if cfg.data.eval_fraction > 0:
         train, held = split_holdout(train, cfg.data.eval_fraction, cfg.data.seed)
-        held.config = dataclasses.replace(held.config, num_epochs=1)
-        return train, held
+        return train, one_pass(held)
     return train, None

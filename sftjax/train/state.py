@@ -38,7 +38,7 @@ def init_state(trainable: PyTree, optimizer: optax.GradientTransformation, seed:
         "step": np.zeros((), np.int32),
         "trainable": trainable,
         "opt_state": optimizer.init(trainable),
-        "rng": np.asarray(jax.random.key_data(jax.random.key(seed))),
+        "rng": jax.random.key_data(jax.random.key(seed)),  # traceable: jax.eval_shape(init_state) works
     }
 
 

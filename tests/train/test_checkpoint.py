@@ -328,3 +328,21 @@ def test_check_base_refuses_another_base(tmp_path):
     )
     with pytest.raises(CheckpointError, match="records no base fingerprint"):
         check_base({k: v for k, v in extras.items() if k != "base_fingerprint"}, "sha256:aaa")
+
+
+def test_read_only_checkpointer_leaves_a_save_in_progress_alone(tmp_path):
+    """An evaluator opening a run's checkpoints must not delete the temporary directory of a running save."""
+    directory = tmp_path / "ckpt"
+    state = {"w": np.arange(4, dtype=np.float32)}
+    with Checkpointer(directory, keep_last=2, save_async=False) as writer:
+        writer.save(1, state, {"note": "first"})
+    in_progress = directory / "2.orbax-checkpoint-tmp"
+    (in_progress / "state.orbax-checkpoint-tmp").mkdir(parents=True)
+    with Checkpointer(directory, keep_last=2, read_only=True) as reader:
+        assert reader.latest_step() == 1
+        restored, extras = reader.restore(jax.eval_shape(lambda: state))
+        np.testing.assert_array_equal(np.asarray(restored["w"]), state["w"])
+    assert in_progress.is_dir()
+    assert not (tmp_path / "missing").exists()
+    Checkpointer(tmp_path / "missing", keep_last=1, read_only=True).close()
+    assert not (tmp_path / "missing").exists()  # read-only never creates

@@ -52,10 +52,11 @@ def _run(devices, accum, opt_cfg, steps=2):
     return unreplicate(state), history
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.parametrize("opt", ["sgd", "adamw", "adafactor"])
 def test_devices_and_accumulation_agree(opt):
     assert jax.local_device_count() == 4  # tests/conftest.py
-    opt_cfg = OptimSection(name=opt, lr=0.1 if opt == "sgd" else 1e-3, momentum=0.0, max_grad_norm=0.0)
+    opt_cfg = OptimSection(name=opt, lr=0.1 if opt == "sgd" else 1e-3, momentum=0.0, max_grad_norm=0.0,
+                           weight_decay=0.01)
     runs = {layout: _run(*layout, opt_cfg) for layout in [(1, 1), (1, 4), (4, 1), (2, 2)]}
     ref_state, ref_hist = runs[1, 1]
     for layout, (state, hist) in runs.items():

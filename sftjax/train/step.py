@@ -54,7 +54,7 @@ def train_step(state: PyTree, frozen: PyTree, batch: dict[str, jax.Array], *, cf
         grads, sums = grad_fn(trainable, micro, jax.random.fold_in(key, index))
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-    micro_batches = jax.tree.map(lambda x: x.shape[0], batch)["tokens"]
+    micro_batches = batch["tokens"].shape[0]  # A
     sums_shape = jax.eval_shape(lambda: loss_fn(trainable, jax.tree.map(lambda x: x[0], batch), None)[1])
     init = (_zeros_like(trainable), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
     (grads, sums), _ = jax.lax.scan(accumulate, init, (jnp.arange(micro_batches), batch))

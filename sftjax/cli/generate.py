@@ -15,13 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from sftjax.cli.common import fail
 from sftjax.data.tokenizer import load_tokenizer
 from sftjax.errors import UserError
 from sftjax.model.generate import generate
 from sftjax.model.hf import load_pretrained
-
-_EXIT_USER_ERROR = 2
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sftjax-generate", description=__doc__.splitlines()[0])
@@ -76,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lines = run(args)
     except UserError as e:
-        print(f"sftjax-generate: error: {e}", file=sys.stderr)
-        return _EXIT_USER_ERROR
+        return fail("sftjax-generate", str(e))
     print("\n".join(lines))
     return 0
 

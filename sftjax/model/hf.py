@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -263,15 +262,5 @@ def save_pretrained(path: str | Path, cfg: ModelConfig, params: Params, *, dtype
             os.replace(file, directory / file.name)
 
 
-def copy_tokenizer_files(source: str | Path, target: str | Path) -> list[str]:
-    """Copy tokenizer.json / tokenizer_config.json / special_tokens_map.json if `source` has them."""
-    copied = []
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (Path(source) / name).is_file():
-            shutil.copyfile(Path(source) / name, Path(target) / name)
-            copied.append(name)
-    return copied
-
-
 __all__ = ["load_pretrained", "save_pretrained", "read_tensors", "params_from_hf", "params_to_hf",
-           "hf_tensor_names", "copy_tokenizer_files"]
+           "hf_tensor_names"]

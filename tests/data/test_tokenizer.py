@@ -146,7 +146,6 @@ def test_whitespace_control_matches_transformers(chatml_dir):
     {% endif %}
 {% endfor %}
 """
-    ours = load_tokenizer(chatml_dir)
     ref = AutoTokenizer.from_pretrained(chatml_dir)
     messages = CONVERSATIONS[1][1:]
     expected = ref.apply_chat_template(messages, chat_template=source, tokenize=False)

@@ -4,7 +4,6 @@ checkpoints against the metrics the run logged, and one-line user errors."""
 import json
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

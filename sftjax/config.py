@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from sftjax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+METHODS = ("full", "lora", "qlora")
 
 
 @dataclasses.dataclass
@@ -32,8 +33,27 @@ class ModelSection:
 
 
 @dataclasses.dataclass
+class LoraSection:
+    rank: int = 16  # r: adapter rank
+    alpha: float = 32.0  # scale = alpha / r (rslora: alpha / sqrt(r))
+    dropout: float = 0.05  # dropout on the adapter input during training
+    target_modules: Any = "all-linear"  # all-linear | list of module names (q_proj, ...) | one regex (PEFT rules)
+    rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
+    init: str = "kaiming"  # A initialisation: kaiming (uniform, as PEFT) | gaussian (std 1/r); B starts at 0
+    trainable_modules: list[str] = field(default_factory=list)  # also train fully: embed_tokens | lm_head | norm
+
+
+@dataclasses.dataclass
+class QuantSection:
+    kind: str = "nf4"  # 4-bit code of the frozen base under qlora: nf4 (bitsandbytes-exact) | int4 (symmetric)
+    double_quant: bool = True  # quantize the per-block absmax constants to 8 bits (4.127 instead of 4.5 bits/param)
+
+
+@dataclasses.dataclass
 class MethodSection:
-    name: str = "full"  # full (all weights trained); lora / qlora arrive with the LoRA issue
+    name: str = "full"  # full (all weights trained) | lora (adapters on a frozen base) | qlora (on a 4-bit base)
+    lora: LoraSection = field(default_factory=LoraSection)  # adapter settings (lora and qlora)
+    quant: QuantSection = field(default_factory=QuantSection)  # base quantization (qlora)
 
 
 @dataclasses.dataclass
@@ -126,7 +146,15 @@ def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> Non
     _check(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"must be one of {', '.join(DTYPES)}")
     _check(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "must be none, full or dots")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
-    _check(cfg.method.name == "full", "method.name", cfg.method.name, "supported: full")
+    _check(cfg.method.name in METHODS, "method.name", cfg.method.name, f"must be one of {', '.join(METHODS)}")
+    lo, q = cfg.method.lora, cfg.method.quant
+    _check(isinstance(lo.rank, int) and lo.rank >= 1, "method.lora.rank", lo.rank, "must be a positive integer")
+    _check(lo.alpha > 0, "method.lora.alpha", lo.alpha, "must be > 0")
+    _check(0.0 <= lo.dropout < 1.0, "method.lora.dropout", lo.dropout, "must be in [0, 1)")
+    _check(lo.init in ("kaiming", "gaussian"), "method.lora.init", lo.init, "must be kaiming or gaussian")
+    _check(isinstance(lo.target_modules, (str, list, tuple)), "method.lora.target_modules", lo.target_modules,
+           "must be all-linear, a list of module names or one regex")
+    _check(q.kind in ("nf4", "int4"), "method.quant.kind", q.kind, "must be nf4 or int4")
     _check(bool(d.train), "data.train", [], "no training dataset (e.g. data=path/to/train.jsonl)")
     _check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
     _check(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")

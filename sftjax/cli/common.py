@@ -7,12 +7,15 @@ one-line reporting of user errors.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sftjax.config import TrainConfig, register
+from sftjax.errors import UserError
 
 EXIT_USER_ERROR = 2
 _MODEL_OPTIONS = ("tiny-llama", "bench-llama", "llama-3.2-1b", "hf")  # conf/model/*.yaml
@@ -56,6 +59,24 @@ def compose_config(overrides: list[str]) -> TrainConfig:
     with initialize_config_module("sftjax.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*expand_shorthands(overrides), "trainer.run_dir=."])
     return OmegaConf.to_object(cfg)
+
+
+def run_config(run_dir: str | Path, overrides: list[str]) -> TrainConfig:
+    """The resolved config a training run saved (RUN_DIR/config.json), with key=value overrides applied."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a training run directory (no config.json)")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    for override in overrides:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as e:
+            raise UserError(f"{override}: {one_line(e)}") from None
+    return OmegaConf.to_object(merged)
 
 
 def fail(program: str, message: str) -> int:

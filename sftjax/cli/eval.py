@@ -28,20 +28,17 @@ from typing import Any
 
 import jax
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sftjax.cli.common import compose_config, fail, one_line
+from sftjax.cli.common import compose_config, fail, one_line, run_config
 from sftjax.config import DatasetSection, TrainConfig
 from sftjax.data.pipeline import Prepared
 from sftjax.data.tokenizer import Tokenizer
-from sftjax.errors import CheckpointError, UserError
+from sftjax.errors import UserError
 from sftjax.model.config import PRESETS
 from sftjax.train import evaluate
-from sftjax.train.checkpoint import Checkpointer, check_base, fingerprint
-from sftjax.train.optim import make_optimizer
-from sftjax.train.setup import build_data, build_model, build_tokenizer
-from sftjax.train.state import device_mesh, init_state, merge_params, replicate
+from sftjax.train.setup import Model, build_data, build_model, build_tokenizer, restore_checkpoint
+from sftjax.train.state import device_mesh, merge_params, replicate
 from sftjax.train.step import AXIS, eval_sums
 
 
@@ -92,46 +89,15 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
             raise UserError(f"--model {args.model}: no such model directory (nor a preset: {', '.join(PRESETS)})")
         cfg = compose_config([f"model={args.model}", *args.overrides])
     else:
-        path = Path(args.run) / "config.json"
-        if not path.is_file():
-            raise UserError(f"--run {args.run}: not a training run directory (no config.json)")
-        try:
-            saved = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
-        for override in args.overrides:
-            try:
-                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
-            except OmegaConfBaseException as e:
-                raise UserError(f"{override}: {one_line(e)}") from None
-        cfg = OmegaConf.to_object(merged)
+        cfg = run_config(args.run, args.overrides)
     if args.tokenizer:
         cfg.model.tokenizer = args.tokenizer
     return cfg
 
 
-def restore_trainable(cfg: TrainConfig, args: argparse.Namespace, params: Any) -> tuple[Any, Any, int]:
-    """(trainable, frozen, step) of the chosen checkpoint, split from `params` (the base) as run_training does."""
-    directory, t = Path(args.run) / "checkpoints", cfg.trainer
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no checkpoint directory (the run saved nothing yet)")
-    trainable, frozen = params, {}  # full fine-tuning: every weight is trained, nothing frozen
-    optimizer = make_optimizer(cfg.optim, t.max_steps)
-    abstract = jax.eval_shape(lambda: init_state(trainable, optimizer, t.seed))  # the loop's train state
-    # read_only: a training may still be writing here; never clean up its save in progress.
-    with Checkpointer(directory, read_only=True, keep_last=max(t.keep_last, 1), keep_best=1,
-                      best_metric=t.best_metric, best_mode=t.best_mode) as checkpointer:
-        step = checkpointer.best_step() if args.best else args.step
-        if step is None and args.best:
-            raise CheckpointError(f"{directory}: no checkpoint ranked by {t.best_metric} (did the run evaluate?); "
-                                  "use --step N or the latest")
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{directory}: no checkpoint to evaluate")
-        state, extras = checkpointer.restore(abstract, step)
-    check_base(extras, fingerprint(params))
-    return state["trainable"], frozen, step
+def restore_trainable(cfg: TrainConfig, args: argparse.Namespace, model: Model) -> tuple[Any, int]:
+    """(trainable, step) of the chosen checkpoint of --run (see `sftjax.train.setup.restore_trainable`)."""
+    return restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
 
 
 def eval_data(cfg: TrainConfig, tokenizer: Tokenizer, args: argparse.Namespace) -> Prepared:
@@ -154,14 +120,13 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("absl").setLevel(logging.ERROR)
     check_args(args)
     cfg = load_config(args)
-    model_cfg, params = build_model(cfg)
+    model = build_model(cfg)
+    model_cfg, trainable, frozen = model.cfg, model.trainable, model.frozen
     tokenizer = build_tokenizer(cfg, model_cfg)
     data = eval_data(cfg, tokenizer, args)
     step = None
-    trainable, frozen = params, {}
     if args.run:
-        trainable, frozen, step = restore_trainable(cfg, args, params)
-    del params
+        trainable, step = restore_trainable(cfg, args, model)
     names = evaluate.task_names(data)
     # The eval half of step.compile_steps, on one device.
     p_eval = jax.pmap(functools.partial(eval_sums, cfg=model_cfg, num_tasks=len(names)), axis_name=AXIS,

@@ -177,7 +177,7 @@ def _json_array_records(text: str, path: Path):
         raise DataError(f"{path}:{line}: invalid JSON: {what}")
 
     start = 1 if text.startswith("\ufeff") else 0  # a UTF-8 byte-order mark
-    i = skip(skip(start) + 1)  # past '[' 
+    i = skip(skip(start) + 1)  # past '['
     if i < len(text) and text[i] == "]":
         return
     while True:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -218,11 +219,13 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[list[str]]:
 
 
 def save_pretrained(path: str | Path, cfg: ModelConfig, params: Params, *, dtype: str | None = None,
-                    max_shard_size: int | str = "5GB", overwrite: bool = False) -> None:
+                    max_shard_size: int | str = "5GB", overwrite: bool = False,
+                    extra_files: tuple[Path, ...] = ()) -> None:
     """Write config.json, generation_config.json and safetensors (sharded above max_shard_size) to `path`.
 
     transformers' `from_pretrained(path)` loads the result. An existing checkpoint at `path` is only replaced
     with overwrite=True; files are written to a temporary directory first, so a failure leaves `path` as it was.
+    extra_files (e.g. the tokenizer's) are copied in with the checkpoint.
     """
     directory = Path(path)
     existing = [p.name for p in directory.glob("*") if p.name == "config.json" or p.name.startswith("model")] \
@@ -254,6 +257,8 @@ def save_pretrained(path: str | Path, cfg: ModelConfig, params: Params, *, dtype
         generation = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
                       "eos_token_id": hf_config["eos_token_id"]}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        for file in extra_files:
+            shutil.copyfile(file, staging / Path(file).name)
         directory.mkdir(exist_ok=True)
         for stale in directory.glob("model*.safetensors*"):  # only reached with overwrite=True
             if not (staging / stale.name).exists():

@@ -17,15 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from sftjax.model.config import ModelConfig
+from sftjax.peft import quant
 
 _INIT_STD = 0.02  # initializer_range of every HF Llama-family config
 
 
 class Dense(nn.Module):
-    """y = x @ kernel (+ bias). kernel [in, out] stored in param_dtype, applied in the compute dtype.
+    """y = x @ kernel (+ bias) (+ LoRA). The one linear layer of the model. Its parameters:
 
-    The one linear layer of the model: LoRA adapters and quantized kernels attach here, so parameter paths stay
-    the same with or without them.
+        kernel  [in, out]   float, stored in param_dtype, applied in the compute dtype; or instead
+        qkernel {codes, ...} the same weight quantized to 4 bits (`sftjax.peft.quant`), dequantized on the fly
+        bias    [out]       when use_bias
+        lora_a  [in, R], lora_b [R, out]   optional LoRA adapter: y += lora_scale * dropout(x) @ lora_a @ lora_b
+
+    The base paths stay the same with or without an adapter, so the HF name maps never fork. LoRA dropout
+    (cfg.lora_dropout) is active only when a "dropout" rng is given (training).
     """
 
     features: int
@@ -34,11 +40,24 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
-        dtype, param_dtype = jnp.dtype(self.cfg.dtype), jnp.dtype(self.cfg.param_dtype)
-        kernel = self.param("kernel", nn.initializers.normal(_INIT_STD), (x.shape[-1], self.features), param_dtype)
-        y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        x = x.astype(dtype)
+        if self.has_variable("params", "qkernel"):  # frozen 4-bit base (QLoRA): [out, in] codes, torch order
+            w = quant.dequantize(self.get_variable("params", "qkernel"), (self.features, x.shape[-1]), dtype)
+            y = jnp.einsum("...i,oi->...o", x, w)
+        else:
+            kernel = self.param("kernel", nn.initializers.normal(_INIT_STD), (x.shape[-1], self.features),
+                                param_dtype)
+            y = jnp.dot(x, kernel.astype(dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)
+        if self.has_variable("params", "lora_a"):
+            a = self.get_variable("params", "lora_a").astype(dtype)  # [in, R]
+            b = self.get_variable("params", "lora_b").astype(dtype)  # [R, out]
+            if cfg.lora_dropout > 0 and self.has_rng("dropout"):
+                x = nn.Dropout(cfg.lora_dropout, deterministic=False, name="lora_dropout")(x)
+            y = y + jnp.dot(jnp.dot(x, a), b) * jnp.asarray(cfg.lora_scale, dtype)
         return y
 
 

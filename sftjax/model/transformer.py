@@ -134,11 +134,11 @@ def run_layers(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Ar
     """Apply the L blocks. x [B, T, D], mask [B, T, S] -> (x [B, T, D], updated cache (k, v) [L, B, S, K, H]).
 
     Per-layer inputs (parameters, attention window, cache slice, layer index) are scanned or looped over
-    together. Dropout (training only) uses the key fold_in(dropout_rng, layer).
+    together. Dropout (residual and LoRA; training only) uses the key fold_in(dropout_rng, layer).
     """
     block = Block(cfg)
     windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
-    train = dropout_rng is not None and cfg.dropout_rate > 0
+    train = dropout_rng is not None and (cfg.dropout_rate > 0 or cfg.lora_dropout > 0)
 
     def layer(x, per_layer):
         params, window, kv, index = per_layer

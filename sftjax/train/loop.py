@@ -24,10 +24,10 @@ from sftjax.config import TrainConfig, validate
 from sftjax.data.pipeline import DataIterator
 from sftjax.errors import UserError
 from sftjax.train import evaluate
-from sftjax.train.checkpoint import Checkpointer, check_base, fingerprint
+from sftjax.train.checkpoint import Checkpointer, check_base
 from sftjax.train.metrics import MetricsWriter, Progress
 from sftjax.train.optim import make_optimizer, schedule
-from sftjax.train.setup import build_data, build_model, build_tokenizer
+from sftjax.train.setup import build_data, build_model, build_tokenizer, describe_model
 from sftjax.train.state import device_mesh, init_state, merge_params, replicate, unreplicate
 from sftjax.train.step import compile_steps
 
@@ -81,11 +81,10 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    model_cfg, params = build_model(cfg)
+    model = build_model(cfg)
+    model_cfg, trainable, frozen, base_fingerprint = model.cfg, model.trainable, model.frozen, model.fingerprint
     tokenizer = build_tokenizer(cfg, model_cfg)
     train_data, eval_data = build_data(cfg, tokenizer, devices)
-    base_fingerprint = fingerprint(params)
-    trainable, frozen = params, {}  # full fine-tuning; LoRA / QLoRA split them (the LoRA issue)
     optimizer = make_optimizer(o, t.max_steps)
     lr_schedule = schedule(o, t.max_steps)
     names = evaluate.task_names(train_data)
@@ -117,9 +116,9 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     metrics_writer = MetricsWriter(run_dir, resume_step=start)  # drops lines a killed run wrote after `start`
     config_dump = resolved_config or dataclasses.asdict(cfg)
     (run_dir / "config.json").write_text(json.dumps(config_dump, indent=2, default=str) + "\n")
-    log.info("model %s: %.2fM parameters (%.2fM trainable); data: %s; run dir %s", cfg.model.path,
-             model_cfg.num_params() / 1e6, sum(x.size for x in jax.tree.leaves(trainable)) / 1e6,
-             ", ".join(f"{s.name} {s.kept}" for s in train_data.stats), run_dir)
+    for line in describe_model(cfg, model):
+        log.info("%s", line)
+    log.info("data: %s; run dir %s", ", ".join(f"{s.name} {s.kept}" for s in train_data.stats), run_dir)
 
     def run_eval(step: int) -> dict[str, float]:
         if eval_data is None:

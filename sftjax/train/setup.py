@@ -16,10 +16,15 @@ import numpy as np
 from sftjax.config import DatasetSection, TrainConfig
 from sftjax.data.pipeline import DataConfig, DatasetSpec, Prepared, prepare
 from sftjax.data.tokenizer import Tokenizer, load_tokenizer
-from sftjax.errors import ConfigError
+from sftjax.errors import CheckpointError, ConfigError
 from sftjax.model.config import ModelConfig, load_hf_config, preset
 from sftjax.model.hf import load_pretrained
 from sftjax.model.transformer import Params
+from sftjax.peft import lora as lora_lib
+from sftjax.peft import quant
+from sftjax.train.checkpoint import Checkpointer, check_base, fingerprint
+from sftjax.train.optim import make_optimizer
+from sftjax.train.state import init_state
 from sftjax.train.evaluate import one_pass
 
 
@@ -29,11 +34,65 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
     return load_hf_config(path) if Path(path).is_dir() else preset(path)
 
 
-def build_model(cfg: TrainConfig) -> tuple[ModelConfig, Params]:
-    """Load the base weights in param_dtype and apply the run's execution policy."""
-    m = cfg.model
+@dataclasses.dataclass
+class Model:
+    """What a run trains: the model settings, the frozen and trainable trees, and where they came from.
+
+    full:  frozen = {}, trainable = the whole base.
+    lora:  frozen = the base (minus method.lora.trainable_modules), trainable = adapters (+ those modules).
+    qlora: as lora, with every decoder linear kernel of the frozen base quantized to 4 bits (`qkernel`).
+    `merge_params(frozen, trainable)` is the tree the model runs under `cfg`.
+    """
+
+    cfg: ModelConfig  # architecture + runtime policy (+ LoRA scale and dropout)
+    frozen: Params
+    trainable: Params
+    fingerprint: str  # of the base weights as loaded (before quantization): resumes check it
+    lora: lora_lib.LoraSpec | None  # None for full fine-tuning
+    memory: dict[str, float]  # quant.memory_report of the base (bytes per storage format, bits per parameter)
+
+
+def lora_spec(cfg: TrainConfig) -> lora_lib.LoraSpec:
+    lo = cfg.method.lora
+    targets = lo.target_modules if isinstance(lo.target_modules, str) else tuple(lo.target_modules)
+    return lora_lib.LoraSpec(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets,
+                             rslora=lo.rslora, init=lo.init, trainable_modules=tuple(lo.trainable_modules))
+
+
+def build_model(cfg: TrainConfig) -> Model:
+    """Load the base weights in param_dtype, apply the run's execution policy and split them per method.name."""
+    m, method = cfg.model, cfg.method
     model_cfg, params = load_pretrained(m.path, dtype=m.param_dtype, seed=m.seed)
-    return model_cfg.replace(dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat, dropout_rate=m.dropout), params
+    model_cfg = model_cfg.replace(dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat, dropout_rate=m.dropout)
+    base_fingerprint = fingerprint(params)
+    memory = quant.memory_report(params)
+    if method.name == "full":
+        return Model(model_cfg, {}, params, base_fingerprint, None, memory)
+    spec = lora_spec(cfg)
+    adapters = lora_lib.init_adapters(model_cfg, spec, jax.random.fold_in(jax.random.key(cfg.trainer.seed), 1))
+    frozen, trainable = lora_lib.split(params, spec, adapters)
+    if method.name == "qlora":
+        frozen = quant.quantize_params(frozen, method.quant.kind, method.quant.double_quant)
+    return Model(lora_lib.model_config(model_cfg, spec), frozen, trainable, base_fingerprint, spec, memory)
+
+
+def describe_model(cfg: TrainConfig, model: Model) -> list[str]:
+    """Lines for the start of a run: parameter counts and the memory of the frozen base in each format."""
+    total, trainable = model.cfg.num_params(), lora_lib.count(model.trainable)
+    mem = model.memory
+    lines = [f"model {cfg.model.path} ({model.cfg.family}): {total / 1e6:.2f}M parameters; method "
+             f"{cfg.method.name}: {trainable / 1e6:.3f}M trainable ({trainable / total:.3%}), optimizer state for "
+             "those only"]
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    lines.append(f"base weights: float32 {mib(mem['float32_bytes'])}, bfloat16 {mib(mem['bfloat16_bytes'])}, "
+                 f"nf4+dq {mib(mem['nf4_dq_bytes'])}, int4+dq {mib(mem['int4_dq_bytes'])} "
+                 f"({mem['dq_bits_per_param']:.3f} bits per quantized parameter; "
+                 f"{mem['quantized_params'] / 1e6:.2f}M of them)")
+    if model.frozen:
+        lines.append(f"frozen tree as held: {mib(quant.tree_bytes(model.frozen))}"
+                     + (f" ({cfg.method.quant.kind}, double_quant={cfg.method.quant.double_quant})"
+                        if cfg.method.name == "qlora" else ""))
+    return lines
 
 
 def build_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> Tokenizer:
@@ -95,3 +154,29 @@ def build_data(cfg: TrainConfig, tokenizer: Tokenizer, devices: int) -> tuple[Pr
         train, held = split_holdout(train, cfg.data.eval_fraction, cfg.data.seed)
         return train, one_pass(held)
     return train, None
+
+
+def restore_checkpoint(cfg: TrainConfig, directory: Path, model: Model, step: int | None = None,
+                       best: bool = False) -> tuple[Params, int]:
+    """(trainable, step) of a run's checkpoint: `step`, the best by trainer.best_metric, or the latest.
+
+    The checkpoint must have been trained on the base `model` holds (fingerprint check). Opened read-only: a
+    training may still be writing there, and its save in progress is never cleaned up.
+    """
+    t = cfg.trainer
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no checkpoint directory (the run saved nothing yet)")
+    optimizer = make_optimizer(cfg.optim, t.max_steps)
+    abstract = jax.eval_shape(lambda: init_state(model.trainable, optimizer, t.seed))  # the loop's train state
+    with Checkpointer(directory, read_only=True, keep_last=max(t.keep_last, 1), keep_best=1,
+                      best_metric=t.best_metric, best_mode=t.best_mode) as checkpointer:
+        chosen = checkpointer.best_step() if best else step
+        if chosen is None and best:
+            raise CheckpointError(f"{directory}: no checkpoint ranked by {t.best_metric} (did the run evaluate?); "
+                                  "use --step N or the latest")
+        chosen = checkpointer.latest_step() if chosen is None else chosen
+        if chosen is None:
+            raise CheckpointError(f"{directory}: no checkpoint to restore")
+        state, extras = checkpointer.restore(abstract, chosen)
+    check_base(extras, model.fingerprint)
+    return state["trainable"], chosen

@@ -25,7 +25,8 @@ def chat_records(n, seed):
 @pytest.fixture()
 def two_datasets(tmp_path):
     a = write_jsonl(tmp_path / "chat.jsonl", chat_records(37, 0))
-    b = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": f"{i} {WORDS[i % 13]}", "completion": " fox"} for i in range(11)])
+    b = write_jsonl(tmp_path / "pc.jsonl",
+                    [{"prompt": f"{i} {WORDS[i % 13]}", "completion": " fox"} for i in range(11)])
     return str(a), str(b)
 
 

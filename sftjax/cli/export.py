@@ -1,0 +1,131 @@
+"""`sftjax-export`: a run's checkpoint (or a PEFT adapter) as files transformers and PEFT load.
+
+    sftjax-export --run RUN_DIR --out merged/                     # merged HF checkpoint (+ tokenizer files)
+    sftjax-export --run RUN_DIR --best --format peft --out adapter/  # PEFT adapter of a lora / qlora run
+    sftjax-export --run RUN_DIR --requantize --out merged/        # qlora: merge, re-quantize, save the 4-bit values
+    sftjax-export --adapter peft_adapter/ --model base/ --out merged/  # merge any PEFT LoRA adapter into its base
+
+merged: the adapters are folded into the base weights (W + scale * A B, in float32) and the result is written as
+an HF checkpoint in --dtype (default: the base's). A 4-bit (qlora) base is dequantized before merging; the
+relative error that re-quantizing the merged weights would cause is printed, and --requantize saves the
+re-quantized values (a float checkpoint whose linear weights are exactly representable in the base's 4-bit code).
+peft: adapter_config.json + adapter_model.safetensors for `peft.PeftModel.from_pretrained(base, OUT)`.
+
+The run's settings come from RUN_DIR/config.json and its base from model.path (refused if the weights there are
+not the ones the run trained on). The tokenizer files of model.tokenizer (default model.path) are copied along.
+--out must not hold a checkpoint unless --overwrite. A user error prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from sftjax.cli.common import fail, one_line, run_config
+from sftjax.errors import UserError
+from sftjax.model.config import DTYPES
+from sftjax.model.hf import load_pretrained, save_pretrained
+from sftjax.peft import lora, peft_io, quant
+from sftjax.train.setup import build_model, restore_checkpoint
+from sftjax.train.state import merge_params
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sftjax-export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="training run directory (config.json, checkpoints/)")
+    source.add_argument("--adapter", help="a PEFT LoRA adapter directory to merge into --model")
+    p.add_argument("--model", help="with --adapter: the base model directory")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="the checkpoint of this step (default: the latest)")
+    which.add_argument("--best", action="store_true", help="the best checkpoint by trainer.best_metric")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", choices=("merged", "peft"), default="merged", help="merged HF checkpoint (default) "
+                                                                                  "or PEFT adapter")
+    p.add_argument("--dtype", choices=DTYPES, help="storage dtype of the written weights (default: the base's)")
+    p.add_argument("--requantize", action="store_true", help="qlora, merged: save the re-quantized merged weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.adapter and not args.model:
+        raise UserError("--adapter needs --model (the base model directory the adapter was trained on)")
+    if args.model and not args.adapter:
+        raise UserError("--model goes with --adapter; a --run names its base in its config")
+    if args.adapter and (args.step is not None or args.best or args.format == "peft" or args.requantize):
+        raise UserError("--adapter merges a PEFT adapter into --model; --step, --best, --format peft and "
+                        "--requantize apply to --run")
+
+
+def tokenizer_files(directory: str) -> tuple[Path, ...]:
+    return tuple(p for p in (Path(directory) / name for name in TOKENIZER_FILES) if p.is_file())
+
+
+def _report(errors: dict[str, float]) -> str:
+    if not errors:
+        return ""
+    worst = max(errors, key=errors.get)
+    return (f"; re-quantization error of the merged weights (||Q(W') - W'|| / ||W'||): mean "
+            f"{np.mean(list(errors.values())):.4f}, max {errors[worst]:.4f} ({worst})")
+
+
+def export_run(args: argparse.Namespace) -> str:
+    cfg = run_config(args.run, [])
+    model = build_model(cfg)
+    trainable, step = restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
+    extra = tokenizer_files(cfg.model.tokenizer or cfg.model.path)
+    if args.format == "peft":
+        if model.lora is None:
+            raise UserError(f"--format peft: run {args.run} fine-tuned every weight (method.name=full); it has no "
+                            "adapter: export --format merged")
+        peft_io.save_adapter(args.out, model.cfg, model.lora, trainable, base_model_name_or_path=cfg.model.path,
+                             dtype=args.dtype or "float32", overwrite=args.overwrite, extra_files=extra)
+        return f"wrote the PEFT adapter of {args.run} step {step} to {args.out}"
+    if args.requantize and cfg.method.name != "qlora":
+        raise UserError(f"--requantize: run {args.run} has a float base (method.name={cfg.method.name}); only a "
+                        "qlora run has a 4-bit format to re-quantize into")
+    params = merge_params(model.frozen, trainable)
+    errors: dict[str, float] = {}
+    if model.lora is not None:
+        params, errors = lora.merge(params, model.lora.scale, requantize=args.requantize)
+        params = quant.dequantize_params(params)
+    save_pretrained(args.out, model.cfg, params, dtype=args.dtype or cfg.model.param_dtype,
+                    overwrite=args.overwrite, extra_files=extra)
+    return f"wrote the merged checkpoint of {args.run} step {step} to {args.out}{_report(errors)}"
+
+
+def export_adapter(args: argparse.Namespace) -> str:
+    base_cfg, base = load_pretrained(args.model)
+    spec, adapters = peft_io.load_adapter(args.adapter, base_cfg)
+    params, _ = lora.merge(merge_params(base, adapters), spec.scale)
+    save_pretrained(args.out, base_cfg, params, dtype=args.dtype, overwrite=args.overwrite,
+                    extra_files=tokenizer_files(args.model))
+    return f"merged the PEFT adapter {args.adapter} into {args.model}: wrote {args.out}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every file it opens
+    try:
+        check_args(args)
+        print(export_run(args) if args.run else export_adapter(args))
+    except UserError as e:
+        return fail("sftjax-export", str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        return fail("sftjax-export", one_line(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

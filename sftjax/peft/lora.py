@@ -1,0 +1,246 @@
+"""LoRA: low-rank adapters on the model's linear layers, as a separate parameter tree.
+
+    W x  ->  W x + scale * B A dropout(x),   scale = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+In sftjax a Dense kernel is [in, out], so an adapter is lora_a [in, R] and lora_b [R, out], stacked on L like
+every layer parameter. The adapter tree mirrors the model tree and holds only adapters (and the modules made fully
+trainable, e.g. embeddings for added tokens):
+
+    layers/self_attn/q_proj/{lora_a [L, D, R], lora_b [L, R, N*H]}   ...one per targeted module
+    embed_tokens/embedding [V, D]                                      when trainable_modules has embed_tokens
+
+`merge_params(frozen, adapters)` (sftjax.train.state) is the tree the model runs: each targeted Dense then holds
+kernel (or qkernel) plus lora_a / lora_b, and adds the low-rank branch itself (sftjax.model.layers.Dense). The
+scale and the dropout rate are static model settings: `model_config(cfg, spec)`.
+
+Targets follow PEFT's rules, applied to the HF module names `model.layers.{i}.self_attn.q_proj`: a list matches a
+module whose name equals an entry or ends with "." + entry; a single string other than "all-linear" is a regular
+expression that must match the whole name; "all-linear" is every linear layer of the decoder (not lm_head).
+Adapters are stacked over layers, so a target must select a module kind in every layer or in none.
+
+Initialisation as PEFT: B = 0 (the adapted model starts equal to the base); A kaiming-uniform with a = sqrt(5),
+i.e. U(-1/sqrt(in), 1/sqrt(in)) (init "kaiming"), or N(0, 1/r) (init "gaussian").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sftjax.errors import ConfigError
+from sftjax.model.config import ModelConfig
+from sftjax.model.transformer import Params, param_shapes
+from sftjax.peft import quant
+
+Module = tuple[str, ...]  # a Dense module's path in the param tree, e.g. ("layers", "self_attn", "q_proj")
+TRAINABLE_MODULES = ("embed_tokens", "lm_head", "norm")  # modules that can be trained fully beside the adapters
+INITS = ("kaiming", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 16  # R
+    alpha: float = 32.0
+    dropout: float = 0.0  # on the adapter's input, training only
+    target_modules: tuple[str, ...] | str = "all-linear"  # names (suffixes), one regex, or "all-linear"
+    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    init: str = "kaiming"  # kaiming | gaussian (A); B is always 0
+    trainable_modules: tuple[str, ...] = ()  # fully trained besides the adapters: embed_tokens, lm_head, norm
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def model_config(cfg: ModelConfig, spec: LoraSpec) -> ModelConfig:
+    """The model settings under which Dense layers apply their adapters with this spec's scale and dropout."""
+    return cfg.replace(lora_scale=spec.scale, lora_dropout=spec.dropout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets
+
+
+def linear_modules(cfg: ModelConfig) -> list[Module]:
+    """The Dense modules of the decoder layers, in tree order (lm_head is not a Dense: it may tie embeddings)."""
+    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg)["layers"])[0]
+    return [("layers", *(k.key for k in path[:-1])) for path, _ in flat if path[-1].key == "kernel"]
+
+
+def hf_module_name(module: Module, layer: int) -> str:
+    """("layers", "self_attn", "q_proj"), 3 -> "model.layers.3.self_attn.q_proj" (the HF / PEFT module name)."""
+    return ".".join(("model", "layers", str(layer), *module[1:]))
+
+
+def _matches(name: str, targets: tuple[str, ...] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def select_targets(cfg: ModelConfig, target_modules: tuple[str, ...] | list[str] | str) -> list[Module]:
+    """The modules that get adapters; ConfigError (one line) if none match or a match is not in every layer."""
+    modules = linear_modules(cfg)
+    if target_modules == "all-linear":
+        return modules
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ConfigError(f"method.lora.target_modules={target_modules!r}: not a regular expression ({e})") \
+                from None
+    else:
+        target_modules = tuple(target_modules)
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise ConfigError(f"method.lora.target_modules={list(target_modules)!r}: give module names, a regex "
+                              "or all-linear")
+    selected = []
+    for module in modules:
+        layers = [i for i in range(cfg.num_layers) if _matches(hf_module_name(module, i), target_modules)]
+        if layers and len(layers) != cfg.num_layers:
+            raise ConfigError(f"method.lora.target_modules={target_modules!r}: selects {module[-1]} in layers "
+                              f"{layers} of {cfg.num_layers}; adapters are stacked over layers, so select a module "
+                              "kind in every layer or in none")
+        if layers:
+            selected.append(module)
+    if not selected:
+        available = ", ".join(m[-1] for m in modules)
+        raise ConfigError(f"method.lora.target_modules={target_modules!r} matches no module; available: "
+                          f"{available} (names as in model.layers.0.self_attn.q_proj), or all-linear")
+    return selected
+
+
+def _get(tree: Params, path: Module) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: Params, path: Module, value: Any) -> Params:
+    """A copy of the dict tree with tree[path] = value (the containers on the path are copied)."""
+    if len(path) == 1:
+        return {**tree, path[0]: value}
+    return {**tree, path[0]: _set(tree.get(path[0], {}), path[1:], value)}
+
+
+def _pop(tree: Params, path: Module) -> Params:
+    """A copy of the dict tree without tree[path]; emptied containers are dropped."""
+    rest = {k: v for k, v in tree.items() if k != path[0]}
+    if len(path) > 1:
+        inner = _pop(tree[path[0]], path[1:])
+        if inner:
+            rest[path[0]] = inner
+    return rest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adapters
+
+
+def check_spec(cfg: ModelConfig, spec: LoraSpec) -> list[Module]:
+    """Validate the spec against the model; return the targeted modules."""
+    if not isinstance(spec.rank, int) or spec.rank <= 0:
+        raise ConfigError(f"method.lora.rank={spec.rank!r}: must be a positive integer")
+    if spec.alpha <= 0:
+        raise ConfigError(f"method.lora.alpha={spec.alpha!r}: must be > 0")
+    if not 0.0 <= spec.dropout < 1.0:
+        raise ConfigError(f"method.lora.dropout={spec.dropout!r}: must be in [0, 1)")
+    if spec.init not in INITS:
+        raise ConfigError(f"method.lora.init={spec.init!r}: must be one of {', '.join(INITS)}")
+    for name in spec.trainable_modules:
+        if name not in TRAINABLE_MODULES:
+            raise ConfigError(f"method.lora.trainable_modules: {name!r} is not one of {', '.join(TRAINABLE_MODULES)}")
+        if name == "lm_head" and cfg.tie_word_embeddings:
+            raise ConfigError("method.lora.trainable_modules: lm_head is tied to embed_tokens in this model; "
+                              "train embed_tokens instead")
+    targets = select_targets(cfg, spec.target_modules)
+    shapes = param_shapes(cfg)
+    for module in targets:
+        _, d_in, d_out = _get(shapes, module)["kernel"].shape
+        if spec.rank > min(d_in, d_out):
+            raise ConfigError(f"method.lora.rank={spec.rank}: larger than {'/'.join(module)} allows "
+                              f"(kernel {d_in} x {d_out}: rank <= {min(d_in, d_out)})")
+    return targets
+
+
+def init_adapters(cfg: ModelConfig, spec: LoraSpec, rng: jax.Array) -> Params:
+    """Fresh float32 adapters for every targeted module: lora_a per spec.init, lora_b = 0."""
+    adapters: Params = {}
+    shapes = param_shapes(cfg)
+    for index, module in enumerate(check_spec(cfg, spec)):
+        L, d_in, d_out = _get(shapes, module)["kernel"].shape
+        key = jax.random.fold_in(rng, index)
+        if spec.init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on a [R, in] weight: bound 1 / sqrt(in)
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(key, (L, d_in, spec.rank), jnp.float32, -bound, bound)
+        else:
+            a = jax.random.normal(key, (L, d_in, spec.rank), jnp.float32) / spec.rank
+        adapters = _set(adapters, module, {"lora_a": a, "lora_b": jnp.zeros((L, spec.rank, d_out), jnp.float32)})
+    return adapters
+
+
+def split(params: Params, spec: LoraSpec, adapters: Params) -> tuple[Params, Params]:
+    """(frozen, trainable): the base without its fully trained modules; those modules plus the adapters."""
+    frozen, trainable = params, adapters
+    for name in spec.trainable_modules:
+        if name in params:
+            frozen = _pop(frozen, (name,))
+            trainable = {**trainable, name: jax.tree.map(lambda x: x.astype(jnp.float32), params[name])}
+    return frozen, trainable
+
+
+def adapter_modules(params: Params) -> list[Module]:
+    """The Dense modules of a (merged or adapter) tree that hold lora_a / lora_b."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [tuple(k.key for k in path[:-1]) for path, _ in flat if path[-1].key == "lora_a"]
+
+
+def count(tree: Params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Merging
+
+
+def _kind(qkernel: dict) -> str:
+    """"nf4" or "int4": the code table of a (layer-stacked) quantized kernel."""
+    table = np.asarray(qkernel["table"]).reshape(-1, 16)[0]
+    return "nf4" if np.array_equal(table, quant.NF4_TABLE) else "int4"
+
+
+def merge(params: Params, scale: float, requantize: bool = False) -> tuple[Params, dict[str, float]]:
+    """Fold every adapter of `params` (a merged tree) into its kernel: W + scale * A B, computed in float32.
+
+    A quantized kernel is dequantized first (merging into 4-bit codes directly would lose the update: peft #1043)
+    and the result is a float kernel in float32. With requantize=True the merged kernel is quantized again in the
+    base's format. Returns (params without adapters, {module: relative re-quantization error}), where the error is
+    ||Q(W') - W'|| / ||W'|| of the merged weight (empty unless the base was quantized).
+    """
+    errors: dict[str, float] = {}
+    for module in adapter_modules(params):
+        node = dict(_get(params, module))
+        a, b = node.pop("lora_a"), node.pop("lora_b")
+        delta = scale * jnp.einsum("LiR,LRo->Lio", a.astype(jnp.float32), b.astype(jnp.float32))
+        if "qkernel" in node:
+            qkernel = node.pop("qkernel")
+            kernel = quant.dequantize_params({"k": {"qkernel": qkernel}})["k"]["kernel"] + delta
+            requant = quant.quantize_params({"k": {"kernel": kernel}}, _kind(qkernel), "absmax_codes" in qkernel,
+                                            targets=lambda _: True)
+            back = quant.dequantize_params(requant)["k"]["kernel"]
+            errors["/".join(module)] = float(jnp.linalg.norm(back - kernel) / jnp.linalg.norm(kernel))
+            if requantize:
+                node["qkernel"] = requant["k"]["qkernel"]
+            else:
+                node["kernel"] = kernel
+        else:
+            kernel = node["kernel"]
+            node["kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+        params = _set(params, module, node)
+    return params, errors

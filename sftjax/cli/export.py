@@ -66,6 +66,12 @@ def check_args(args: argparse.Namespace) -> None:
     if args.adapter and (args.step is not None or args.best or args.format == "peft" or args.requantize):
         raise UserError("--adapter merges a PEFT adapter into --model; --step, --best, --format peft and "
                         "--requantize apply to --run")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    held = sorted(p.name for p in out.glob("*") if p.name == "config.json" or p.name.startswith(("model", "adapter")))
+    if held and not args.overwrite:
+        raise UserError(f"--out {out}: already holds a checkpoint ({', '.join(held)}); pass --overwrite to replace it")
 
 
 def tokenizer_files(directory: str) -> tuple[Path, ...]:

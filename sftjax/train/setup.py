@@ -85,9 +85,9 @@ def describe_model(cfg: TrainConfig, model: Model) -> list[str]:
              "those only"]
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
     lines.append(f"base weights: float32 {mib(mem['float32_bytes'])}, bfloat16 {mib(mem['bfloat16_bytes'])}, "
-                 f"nf4+dq {mib(mem['nf4_dq_bytes'])}, int4+dq {mib(mem['int4_dq_bytes'])} "
-                 f"({mem['dq_bits_per_param']:.3f} bits per quantized parameter; "
-                 f"{mem['quantized_params'] / 1e6:.2f}M of them)")
+                 f"nf4/int4 + double quant {mib(mem['nf4_dq_bytes'])} (its {mem['quantized_params'] / 1e6:.2f}M "
+                 f"linear weights at {mem['dq_bits_per_param']:.3f} bits per parameter; "
+                 f"{mem['bits_per_param']:.3f} without double quant)")
     if model.frozen:
         lines.append(f"frozen tree as held: {mib(quant.tree_bytes(model.frozen))}"
                      + (f" ({cfg.method.quant.kind}, double_quant={cfg.method.quant.double_quant})"

@@ -59,7 +59,7 @@ TOKENS = np.random.default_rng(0).integers(3, 100, (2, 16)).astype(np.int32)
 def test_run_logs_memory_trains_and_checkpoints_adapters_only(runs, method):
     log = runs[f"{method}_log"].stdout + runs[f"{method}_log"].stderr
     assert f"method {method}: " in log and "trainable (" in log
-    assert "bits per quantized parameter" in log and "base weights: float32" in log
+    assert "bits per parameter" in log and "base weights: float32" in log
     if method == "qlora":
         assert "(nf4, double_quant=True)" in log
     lines = [json.loads(x) for x in (runs[method] / "metrics.jsonl").read_text().splitlines()]
@@ -152,7 +152,7 @@ def test_qlora_merged_export_reports_the_requantization_error(runs, workspace, t
 
 @pytest.mark.parametrize("argv,message", [
     (["--run", "{lora}", "--out", "{tmp}/x", "--requantize"], "--requantize: run"),
-    (["--run", "{lora}", "--out", "{existing}"], "already holds a checkpoint"),
+    (["--run", "{lora}", "--out", "{existing}"], "already holds a checkpoint (config.json); pass --overwrite"),
     (["--adapter", "{tmp}/none", "--out", "{tmp}/y"], "--adapter needs --model"),
 ])
 def test_export_errors_are_one_line(runs, tmp_path, capsys, argv, message):

@@ -39,11 +39,11 @@ def main() -> None:
         q = m["quantized_params"]
         linears_dq = q * m["dq_bits_per_param"] / 8
         t = trainable(cfg, 16)
+        rest_bf16 = linears_dq + 2 * (m["params"] - q)
         print(f"| {name} | {m['params'] / 1e6:,.1f}M | {m['float32_bytes'] / GiB:.3f} GiB | "
               f"{m['bfloat16_bytes'] / GiB:.3f} GiB | {linears_dq / GiB:.3f} GiB ({m['dq_bits_per_param']:.4f}) | "
-              f"{m['bits_per_param']:.4f} | {m['nf4_dq_bytes'] / GiB:.3f} / {(linears_dq + 2 * (m['params'] - q)) / GiB:.3f} GiB | "
-              f"{t / 1e6:.2f}M "
-              f"({t / m['params']:.2%}) |")
+              f"{m['bits_per_param']:.4f} | {m['nf4_dq_bytes'] / GiB:.3f} / {rest_bf16 / GiB:.3f} GiB | "
+              f"{t / 1e6:.2f}M ({t / m['params']:.2%}) |")
     cfg = PRESETS["bench-llama"]
     params = init_params(cfg, jax.random.key(0))
     measured = quant.tree_bytes(quant.quantize_params(params, "nf4", double_quant=True))

@@ -144,7 +144,8 @@ def adapter_config(cfg: ModelConfig, spec: LoraSpec, targets: list[Module], full
 
 def adapter_tensors(cfg: ModelConfig, trainable: Params, targets: list[Module], full: list[str],
                     dtype: str) -> dict[str, np.ndarray]:
-    """{PEFT name: array in torch layout}: lora_A [R, in] and lora_B [out, R] per layer, full modules as HF stores them."""
+    """{PEFT name: array in torch layout}: lora_A [R, in] and lora_B [out, R] per layer; full modules as HF
+    stores them."""
     np_dtype = hf._NP_DTYPES[dtype]
     host = jax.device_get(trainable)
     out = {}
@@ -322,8 +323,8 @@ def _check_complete(cfg: ModelConfig, adapters: dict[Module, dict[tuple[int, str
         for layer in layers:
             for half, other in (("A", "B"), ("B", "A")):
                 if (layer, half) not in halves:
-                    raise CheckpointError(f"{file}: missing tensor {lora_name(module, layer, half)!r} (its lora_{other} "
-                                          "is present)")
+                    raise CheckpointError(f"{file}: missing tensor {lora_name(module, layer, half)!r} "
+                                          f"(its lora_{other} is present)")
         if len(layers) != cfg.num_layers:
             missing = next(i for i in range(cfg.num_layers) if i not in layers)
             raise CheckpointError(f"{file}: missing tensor {lora_name(module, missing, 'A')!r}: {module[-1]} has "

@@ -329,7 +329,8 @@ def test_another_architecture_is_refused(tmp_path):
 
 
 def test_tied_embedding_needs_the_trained_output_layer(tmp_path):
-    """On a tied model PEFT's output layer is the trained embedding only with ensure_weight_tying or a stored lm_head."""
+    """On a tied model PEFT's output layer is the trained embedding only with ensure_weight_tying or a stored
+    lm_head."""
     tied = CFG.replace(tie_word_embeddings=True)
     spec = lora.LoraSpec(rank=4, target_modules=("q_proj",), trainable_modules=("embed_tokens",))
     _saved(tmp_path / "a", cfg=tied, spec=spec)

@@ -179,3 +179,20 @@ def test_tied_lm_head_cannot_be_trained_alone():
     tied = CFG.replace(tie_word_embeddings=True)
     with pytest.raises(ConfigError, match="lm_head is tied to embed_tokens"):
         lora.check_spec(tied, lora.LoraSpec(trainable_modules=("lm_head",)))
+
+
+def test_public_api_snippet(base, tmp_path):
+    """The README's "LoRA / QLoRA by hand" lines, as written there."""
+    import sftjax
+
+    cfg, params, tokens = CFG, base, TOKENS
+    spec = sftjax.LoraSpec(rank=16, alpha=32, target_modules="all-linear")
+    adapters = sftjax.init_adapters(cfg, spec, jax.random.key(0))
+    base4 = sftjax.quantize_params(params, "nf4", double_quant=True)
+    logits = sftjax.forward(sftjax.lora_model_config(cfg, spec), sftjax.merge_params(base4, adapters), tokens)
+    sftjax.save_adapter(tmp_path / "adapter", cfg, spec, adapters)
+    merged, requant_error = sftjax.merge_lora(sftjax.merge_params(base4, adapters), spec.scale)
+    loaded_spec, loaded = sftjax.load_adapter(tmp_path / "adapter", cfg)
+    assert loaded_spec.rank == 16 and set(requant_error) == {"/".join(m) for m in lora.adapter_modules(adapters)}
+    np.testing.assert_allclose(sftjax.forward(cfg, merged, tokens), logits, atol=1e-5)  # B = 0: merged == base4
+    np.testing.assert_allclose(logits, sftjax.forward(cfg, sftjax.dequantize_params(base4), tokens), atol=1e-5)

@@ -89,6 +89,18 @@ def _leaves(tree):
     return [v for v in tree.values() for v in _leaves(v)] if isinstance(tree, dict) else [tree]
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_sftjax_eval_on_an_adapter_run_matches_the_logged_eval(runs, method, capsys):
+    """sftjax-eval --run rebuilds the (quantized) base, restores the adapters and gets the run's own eval loss."""
+    from sftjax.cli.eval import main as eval_main
+
+    assert eval_main(["--run", str(runs[method]), "--json", "--max-new-tokens", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    final = json.loads((runs[method] / "final_metrics.json").read_text())
+    assert result["step"] == 6
+    assert result["overall"]["loss"] == pytest.approx(final["eval/loss"], rel=1e-5)  # f32 sums, other batching
+
+
 def test_qlora_resume_is_bitwise_exact(runs, workspace, tmp_path):
     """Drop the final checkpoint and rerun: it resumes from step 3 (base re-quantized, fingerprint checked) and
     ends bitwise equal to the uninterrupted run, LoRA dropout included."""

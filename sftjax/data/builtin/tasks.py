@@ -1,0 +1,279 @@
+"""Labeled tasks built from the standard library (see corpus.py), for supervised fine-tuning and its evaluation.
+
+Three tasks, each a pair of prompt/completion JSONL files (`{"prompt": str, "completion": str}`, the format
+`sftjax.data.formats` reads), `<name>_train.jsonl` and `<name>_eval.jsonl`. Every completion starts with a space
+and is short, so the metric is exact match of the greedy generation (stopped at EOS) with the completion.
+
+    module       classification over real text. Prompt: "Text: <docstring or comment, whitespace collapsed,
+                 80-250 chars>\nPackage:", completion " email". Classes `MODULE_CLASSES` (5 packages with
+                 distinctive vocabulary, present in every CPython 3.10-3.13 install; chance = 20%). Train uses
+                 docstrings and comment blocks, up to `_TRAIN_WINDOWS` consecutive windows of a long one; eval uses
+                 docstrings only (first window), the cleaner signal (comments such as "self.sock can be None
+                 here" rarely say where they are from). Capped per class at n // 5 to stay balanced.
+    first_param  extraction from a real `def` line: "def get_payload(self, i=None, decode=False):\\nFirst
+                 parameter:" -> " i". The answer is the first positional parameter after a leading `self` / `cls`
+                 (functions with none are left out), so it is always copied from the prompt. At most
+                 `_MAX_PER_NAME` signatures per function name (otherwise `__init__` alone would be ~10%).
+    add          algorithmic: "4 7 + 0 5 =" -> " 0 5 2" (a, b in 0..99, zero-padded to 2 digits, the sum to 3,
+                 digits separated by spaces). A byte-level BPE trained on prose merges frequent numbers ("10",
+                 "100", "2019") into single tokens, so "47+5" would be a lookup table over arbitrary tokens. With
+                 spaces every digit is its own pre-token " d" (one token in a 4k BPE trained on the corpus; at 2k
+                 " 7" and " 9" stay space + digit), so the answer digits are computed digit by digit, which a
+                 small model learns quickly and which generalizes to unseen operand pairs.
+
+Held-out splits (eval) without leakage, by a stable sha256 hash of a key, never by position:
+
+    module       key = the function / class name (last part of the qualname; the module name for a module
+                 docstring or a module-level comment): every doc of `close` in every class is on one side.
+                 A text that occurs twice is kept once; one found in two packages, or under names on both sides
+                 (a comment copied into two methods), is dropped.
+    first_param  key = the function name: no function name (hence no signature of it) is in both splits.
+    add          key = the unordered pair {a, b}: neither (a, b) nor (b, a) of an eval pair is trained on.
+
+The splits do not depend on `seed` (eval sets are the same for every seed, so runs compare); the seed picks and
+orders the train examples. Examples from the corpus' held-out modules (`heldout_modules`) are left out of both
+splits, so fine-tuning never trains on text the held-out corpus loss is measured on.
+
+Sizes (defaults): n_train=2000 and n_eval=200 per task where the data allows it. On CPython 3.11 `module` has
+1,248 train / 195 eval examples (the five packages hold fewer distinct texts), `first_param` and `add` have the
+full counts. Prompt tokens under a 4k BPE trained on the corpus: module ~55 (max ~130), first_param ~18 (max ~60),
+add 6; completions 1-3 tokens (first_param up to ~8). Everything is deterministic for a given (Python version,
+seed): two builds write the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+from sftjax.data.builtin.corpus import Def, Doc, default_stdlib_dir, extract, extract_defs, stable_fraction
+
+# Packages of the `module` task: large (150-200 docstrings and 80-200 comment blocks of >= 80 chars each on 3.11),
+# with distinctive vocabulary (naive Bayes on words gets ~95% of the eval split right), and in every CPython build
+# (tkinter is not: Debian ships it apart; unittest has half as many docstrings).
+MODULE_CLASSES = ("asyncio", "email", "importlib", "logging", "xml")
+_WINDOW_CHARS = 250  # prompt text per example: ~60 tokens of a 2k-4k BPE
+_MIN_WINDOW_CHARS = 80  # shorter texts ("Return self.") rarely say which package they are from
+_TRAIN_WINDOWS = 3  # consecutive windows of one long doc used for training (eval: the first window only)
+_MAX_PER_NAME = 3  # first_param: signatures kept per function name
+_MAX_SIGNATURE_CHARS = 120  # first_param: longer def lines are left out (they are mostly long default values)
+_SKIPPED_FIRST = ("self", "cls")  # first_param: a leading parameter of these names is not the answer
+_ADD_MAX = 99  # add: operands in 0.._ADD_MAX
+
+EVAL_FRACTION = {"module": 0.25, "first_param": 0.10, "add": 0.10}  # share of keys held out (before capping)
+SHOT_SEPARATOR = "\n\n"  # between the solved examples of a few-shot prompt and before the query
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFiles:
+    """One task's written files and sizes."""
+
+    name: str
+    train_path: Path
+    eval_path: Path
+    n_train: int
+    n_eval: int
+    description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Example:
+    prompt: str
+    completion: str
+    key: str  # the split key (see the module docstring)
+
+
+def _is_eval(task: str, key: str) -> bool:
+    return stable_fraction(key, f"sftjax-task-{task}:") < EVAL_FRACTION[task]
+
+
+def _windows(text: str, width: int = _WINDOW_CHARS) -> list[str]:
+    """Whitespace-collapsed text cut into consecutive windows of at most `width` chars at word boundaries."""
+    out, current = [], ""
+    for word in text.split():
+        joined = f"{current} {word}" if current else word
+        if len(joined) <= width:
+            current = joined
+        else:
+            if current:
+                out.append(current)
+            current = word[:width]
+    if current:
+        out.append(current)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- module
+
+def module_prompt(text: str) -> str:
+    return f"Text: {text}\nPackage:"
+
+
+def _module_examples(docs: Iterable[Doc]) -> tuple[list[_Example], list[_Example]]:
+    """(train candidates, eval candidates) of the module task, in (module, line) order."""
+    items = []  # (label, split key, usable for eval, window text)
+    for doc in docs:
+        label = doc.module.split(".")[0]
+        if label not in MODULE_CLASSES:
+            continue
+        key = doc.qualname.rsplit(".", 1)[-1] if doc.qualname else doc.module
+        windows = [w for w in _windows(doc.text)[:_TRAIN_WINDOWS] if len(w) >= _MIN_WINDOW_CHARS]
+        evaluable = doc.kind != "comment"
+        items.extend((label, key, evaluable and i == 0, w) for i, w in enumerate(windows))
+    origins: dict[str, set[tuple[str, bool]]] = {}  # text -> {(label, on the eval side)}
+    for label, key, _, text in items:
+        origins.setdefault(text, set()).add((label, _is_eval("module", key)))
+    train, evals, seen = [], [], set()
+    for label, key, evaluable, text in items:
+        if len(origins[text]) > 1 or text in seen:  # in two packages, or under names on both sides; a repeat
+            continue
+        seen.add(text)
+        example = _Example(module_prompt(text), f" {label}", key)
+        if not _is_eval("module", key):
+            train.append(example)
+        elif evaluable:
+            evals.append(example)
+    return train, evals
+
+
+# ----------------------------------------------------------------------------------------------- first_param
+
+def first_parameter(positional: tuple[str, ...]) -> str | None:
+    """The first positional parameter after a leading self / cls, or None if there is none."""
+    names = positional[1:] if positional and positional[0] in _SKIPPED_FIRST else positional
+    return names[0] if names else None
+
+
+def first_param_prompt(signature: str) -> str:
+    return f"{signature}\nFirst parameter:"
+
+
+def _first_param_examples(defs: Iterable[Def]) -> tuple[list[_Example], list[_Example]]:
+    """(train candidates, eval candidates) of the first_param task."""
+    by_name: dict[str, list[tuple[str, str]]] = {}
+    seen = set()
+    for d in defs:
+        answer = first_parameter(d.positional)
+        if answer is None or len(d.line) > _MAX_SIGNATURE_CHARS or d.line in seen:
+            continue
+        seen.add(d.line)
+        by_name.setdefault(d.qualname.rsplit(".", 1)[-1], []).append((d.line, answer))
+    train, evals = [], []
+    for name, sigs in sorted(by_name.items()):
+        sigs = sorted(sigs, key=lambda s: stable_fraction(s[0], "sftjax-task-first_param-pick:"))[:_MAX_PER_NAME]
+        for line, answer in sigs:
+            example = _Example(first_param_prompt(line), f" {answer}", name)
+            (evals if _is_eval("first_param", name) else train).append(example)
+    return train, evals
+
+
+# ------------------------------------------------------------------------------------------------------- add
+
+def spaced_digits(value: int, width: int) -> str:
+    """47, 3 -> "0 4 7": zero-padded to `width` digits, separated by spaces (one BPE token per digit)."""
+    return " ".join(f"{value:0{width}d}")
+
+
+def add_prompt(a: int, b: int) -> str:
+    return f"{spaced_digits(a, 2)} + {spaced_digits(b, 2)} ="
+
+
+def _add_examples() -> tuple[list[_Example], list[_Example]]:
+    train, evals = [], []
+    for a in range(_ADD_MAX + 1):
+        for b in range(_ADD_MAX + 1):
+            key = f"{min(a, b)}+{max(a, b)}"
+            example = _Example(add_prompt(a, b), " " + spaced_digits(a + b, 3), key)
+            (evals if _is_eval("add", key) else train).append(example)
+    return train, evals
+
+
+# ------------------------------------------------------------------------------------------------- building
+
+DESCRIPTIONS = {
+    "module": f"which stdlib package a docstring or comment comes from ({', '.join(MODULE_CLASSES)})",
+    "first_param": "the first parameter (after self / cls) of a real stdlib def line",
+    "add": "two-digit addition, digits spaced ('4 7 + 0 5 =' -> ' 0 5 2')",
+}
+
+
+def _pick_eval(examples: list[_Example], n: int, task: str) -> list[_Example]:
+    """n examples in a fixed order that does not depend on the seed (the same eval set for every run)."""
+    return sorted(examples, key=lambda e: stable_fraction(e.prompt, f"sftjax-task-{task}-eval:"))[:n]
+
+
+def _pick_train(examples: list[_Example], n: int, rng: random.Random) -> list[_Example]:
+    examples = list(examples)
+    rng.shuffle(examples)
+    return examples[:n]
+
+
+def _by_label(examples: list[_Example]) -> dict[str, list[_Example]]:
+    out: dict[str, list[_Example]] = {label: [] for label in MODULE_CLASSES}
+    for e in examples:
+        out[e.completion.strip()].append(e)
+    return out
+
+
+def _write(path: Path, examples: list[_Example]) -> bytes:
+    data = "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}, ensure_ascii=False) + "\n"
+                   for e in examples).encode("utf-8")
+    path.write_bytes(data)
+    return data
+
+
+def build_tasks(directory: str | Path, seed: int = 0, heldout_modules: Iterable[str] | None = None, *,
+                n_train: int = 2000, n_eval: int = 200,
+                stdlib_dir: str | Path | None = None) -> dict[str, TaskFiles]:
+    """Write <task>_train.jsonl / <task>_eval.jsonl for every task, and tasks.json (sizes, sha256 of each file).
+
+    heldout_modules: dotted module names whose text must not be trained on (the corpus' held-out modules).
+    n_train / n_eval: the most examples per task (fewer where the stdlib has fewer). Returns {name: TaskFiles}.
+    """
+    if n_train < 1 or n_eval < 1:
+        raise ValueError(f"n_train={n_train}, n_eval={n_eval}: expected positive counts")
+    root = Path(stdlib_dir) if stdlib_dir is not None else default_stdlib_dir()
+    heldout = set(heldout_modules or ())
+    per_class_train, per_class_eval = n_train // len(MODULE_CLASSES), n_eval // len(MODULE_CLASSES)
+
+    docs = extract(root)
+    heldout_texts = {d.text for d in docs if d.module in heldout}  # also where a train module repeats them
+    module_train, module_eval = _module_examples(d for d in docs if d.text not in heldout_texts)
+    rng = random.Random(f"module:{seed}")  # str seeds hash with sha512: the same on every run
+    train = [e for es in _by_label(module_train).values() for e in _pick_train(es, per_class_train, rng)]
+    evals = [e for es in _by_label(module_eval).values() for e in _pick_eval(es, per_class_eval, "module")]
+    splits = {"module": (_pick_train(train, n_train, rng), _pick_eval(evals, n_eval, "module"))}  # classes mixed
+    first_train, first_eval = _first_param_examples(d for d in extract_defs(root) if d.module not in heldout)
+    splits["first_param"] = (_pick_train(first_train, n_train, random.Random(f"first_param:{seed}")),
+                             _pick_eval(first_eval, n_eval, "first_param"))
+    add_train, add_eval = _add_examples()
+    splits["add"] = (_pick_train(add_train, n_train, random.Random(f"add:{seed}")),
+                     _pick_eval(add_eval, n_eval, "add"))
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out, summary = {}, {}
+    for name, (train, evals) in splits.items():
+        train_path, eval_path = directory / f"{name}_train.jsonl", directory / f"{name}_eval.jsonl"
+        digest = hashlib.sha256(_write(train_path, train) + _write(eval_path, evals)).hexdigest()
+        out[name] = TaskFiles(name, train_path, eval_path, len(train), len(evals), DESCRIPTIONS[name])
+        summary[name] = dict(n_train=len(train), n_eval=len(evals), description=DESCRIPTIONS[name],
+                             sha256=digest)
+    info = dict(python_version=platform.python_version(), seed=seed, n_train=n_train, n_eval=n_eval,
+                heldout_modules=sorted(heldout), module_classes=list(MODULE_CLASSES), tasks=summary)
+    (directory / "tasks.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def few_shot_prompt(shots: list[dict[str, str]], query: dict[str, str]) -> str:
+    """k solved examples, then the query's prompt: "<p1><c1>\\n\\n<p2><c2>\\n\\n<query prompt>".
+
+    With no shots this is the query's prompt itself, so zero-shot and few-shot evaluation differ only by the
+    examples in front. Shots should come from the train split.
+    """
+    return "".join(s["prompt"] + s["completion"] + SHOT_SEPARATOR for s in shots) + query["prompt"]

@@ -1,0 +1,234 @@
+"""sftjax against transformers + PEFT (+ bitsandbytes): train-step speed, MFU, memory, compile time and scaling.
+
+    python experiments/bench/bench.py                       # everything, bench config (about 15 min on 2 cores)
+    python experiments/bench/bench.py --quick               # tiny config, 1 step each: checks that it runs
+    python experiments/bench/bench.py --sections speed,memory --modes lora,qlora --steps 8 --warmup 2
+
+Bench config (REFERENCE.md): Llama, vocab 8192, width 512, 8 layers, 8 query / 2 kv heads, FFN 1408, untied,
+seq 256, batch 8, float32; LoRA r=16 alpha=32 dropout 0 on q,k,v,o,gate,up,down; AdamW (lr 1e-4, no weight decay,
+no clipping, constant lr) in both stacks; QLoRA = NF4 + double quantization of every decoder linear in both.
+Both stacks train the same weights (random, written once as an HF directory that each loads) on the same random
+token batches, every target trained. The sftjax step is the trainer's own (`compile_steps`, built by
+`build_model` exactly as `sftjax-train` builds it); the peer step is documented in torch_side.py.
+
+Sections (--sections), each run in fresh processes by workers.py:
+  peak     float32 matmul peak: median GFLOP/s of jitted [2048, 2048] @ [2048, 2048] dots (torch's for reference)
+  speed    per mode one process: sftjax step, peer step, sftjax step, ... (alternating, so both see the same
+           machine state); medians of --steps steps after --warmup steps (the first includes compilation)
+  memory   per (stack, mode) one process: peak RSS (ru_maxrss), RSS after imports, trainable / frozen /
+           optimizer-state bytes; for sftjax also XLA's temp buffer bytes of the compiled step
+  compile  trace + lower and XLA compile seconds of the first sftjax step at 8 / 16 / 32 layers, scan on / off
+  scaling  sftjax tokens/s at fixed tokens per batch (b x T = 2048) for T = 256 .. 2048, and at fixed T = 256
+           for b = 1 .. 16, each without and with remat="full"
+
+FLOPs per token (model FLOPs: matmuls only; norms, softmax, RoPE, the loss and the optimizer are not counted).
+With L layers, width D, N query / K kv heads of width H, FFN F, vocabulary V, sequence length T, rank r:
+
+    N_mm  = L (D*N*H + 2*D*K*H + N*H*D + 3*D*F) + D*V      matmul weights of the layers + lm_head (no embedding)
+    attn  = 12 L T N H        q k^T and p v: forward 2 x 2 T N H per token and layer, backward twice that;
+                              the full T x T product is counted (PaLM's convention: causality not halved)
+    full  = 6 N_mm + attn     forward 2 N_mm, backward 4 N_mm (input and weight gradients)
+    lora  = 4 N_mm + attn + 6 r sum(in + out)    the frozen base needs no weight gradient: forward 2 N_mm +
+                              input gradient 2 N_mm; each adapter (in -> r -> out, over all targeted modules and
+                              layers) forward 2 r (in + out), backward 4 r (in + out)
+    qlora = lora              dequantization is not a matmul and is not counted
+
+MFU = FLOPs per token x tokens/s / the jax matmul peak of the same machine (both stacks against the same peak).
+For the bench config N_mm = 26.74M: full 173.0 MFLOP/token, lora / qlora 126.5 MFLOP/token.
+
+Results: a markdown table on stdout, and results/<date>-<machine>.md + .json (or --results-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import report
+
+HERE = Path(__file__).resolve().parent
+MODES = ("full", "lora", "qlora")
+SECTIONS = ("peak", "speed", "memory", "compile", "scaling")
+STACKS = ("sftjax", "peer")
+LORA = {"rank": 16, "alpha": 32.0, "lr": 1e-4}
+SEED = 0
+
+# The real run: the bench config. Quick: tiny-llama at 2 layers, a few tokens, one step (the test).
+SETTINGS = {
+    "real": {
+        "preset": "bench-llama", "overrides": {}, "batch": 8, "seq": 256, "steps": 5, "warmup": 2,
+        "memory_steps": 1, "peak": {"n": 2048, "reps": 10, "rounds": 3},
+        "depths": [8, 16, 32], "compile_modes": ["full", "qlora"],
+        "seq_sweep": [(8, 256), (4, 512), (2, 1024), (1, 2048)],
+        "batch_sweep": [(1, 256), (2, 256), (4, 256), (8, 256), (16, 256)],
+        "scaling_steps": 2, "scaling_warmup": 1,
+    },
+    "quick": {
+        "preset": "tiny-llama", "overrides": {"num_layers": 2}, "batch": 2, "seq": 32, "steps": 1, "warmup": 1,
+        "memory_steps": 1, "peak": {"n": 256, "reps": 3, "rounds": 1},
+        "depths": [1], "compile_modes": ["full"],
+        "seq_sweep": [(2, 16), (1, 32)],
+        "batch_sweep": [(1, 32)],
+        "scaling_steps": 1, "scaling_warmup": 1,
+    },
+}
+
+
+def flops_per_token(m: dict[str, Any], mode: str, seq: int, rank: int) -> float:
+    """Model FLOPs per trained token of one train step (the formula of the module docstring)."""
+    L, D, N, K, H, F, V = (m[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                                          "intermediate_size", "vocab_size"))
+    n_mm = L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + D * V
+    attn = 12 * L * seq * N * H
+    if mode == "full":
+        return 6 * n_mm + attn
+    adapter_dims = (D + N * H) + 2 * (D + K * H) + (N * H + D) + 3 * (D + F)  # q, k, v, o, gate, up, down
+    return 4 * n_mm + attn + 6 * rank * L * adapter_dims
+
+
+def machine() -> dict[str, Any]:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = re.search(r"Model name:\s*(.+)", lscpu)[1].strip()
+    except (OSError, subprocess.CalledProcessError, TypeError):
+        model = platform.processor() or "unknown CPU"
+    cores = os.cpu_count() or 0
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") + f"-{cores}core"
+    return {"cpu": model, "cores": cores, "slug": slug, "python": platform.python_version()}
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def run_worker(name: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run workers.py NAME in a fresh process; its stderr streams through, its RESULT line is returned."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(HERE / "workers.py"), name, json.dumps(payload)],
+                          stdout=subprocess.PIPE, text=True, env=env, cwd=HERE, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.stdout.write(proc.stdout)
+        raise SystemExit(f"bench: worker {name} {payload.get('mode', '')} failed (exit {proc.returncode})")
+    print(f"bench: {name} {payload.get('stack', '')} {payload.get('mode', '')} done in "
+          f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny config, one step each (for tests)")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of full,lora,qlora")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    ap.add_argument("--steps", type=int, help="measured steps per stack and mode (speed)")
+    ap.add_argument("--warmup", type=int, help="warm-up steps before measuring (speed; the first compiles)")
+    ap.add_argument("--results-dir", type=Path, default=HERE / "results", help="where the .md and .json go")
+    args = ap.parse_args(argv)
+    for name, allowed in (("modes", MODES), ("sections", SECTIONS)):
+        chosen = [x for x in getattr(args, name).split(",") if x]
+        bad = [x for x in chosen if x not in allowed]
+        if bad or not chosen:
+            ap.error(f"--{name}: {','.join(bad) or 'empty'} (choose from {','.join(allowed)})")
+        setattr(args, name, chosen)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    s = dict(SETTINGS["quick" if args.quick else "real"])
+    s["steps"] = args.steps or s["steps"]
+    s["warmup"] = s["warmup"] if args.warmup is None else args.warmup
+    started = time.perf_counter()
+    host = machine()
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": host, "versions": versions(), "quick": args.quick,
+        "command": " ".join(["python experiments/bench/bench.py", *(sys.argv[1:] if argv is None else argv)]),
+        "load_before": os.getloadavg(), "settings": {**s, "lora": LORA, "modes": args.modes},
+    }
+    hf_dir = Path(tempfile.mkdtemp(prefix="sftjax-bench-"))
+    try:
+        base = {"hf_dir": str(hf_dir / "model"), "seed": SEED, "batch": s["batch"], "seq": s["seq"], **LORA}
+        prep = run_worker("prepare", {**base, "model": _preset(s)})
+        base["model"] = prep["model"]
+        results["model"] = {**prep["model"], "num_params": prep["num_params"]}
+        if "peak" in args.sections:
+            results["peak"] = run_worker("peak", s["peak"])
+        if "speed" in args.sections:
+            results["speed"] = {m: run_worker("speed", {**base, "mode": m, "steps": s["steps"],
+                                                        "warmup": s["warmup"]}) for m in args.modes}
+        if "memory" in args.sections:
+            results["memory"] = {m: {stack: run_worker("memory", {**base, "mode": m, "stack": stack,
+                                                                  "steps": s["memory_steps"], "warmup": 1})
+                                     for stack in STACKS} for m in args.modes}
+        if "compile" in args.sections:
+            modes = [m for m in s["compile_modes"] if m in args.modes] or args.modes[:1]
+            results["compile"] = run_worker("compile", {**base, "modes": modes, "depths": s["depths"]})
+        if "scaling" in args.sections:
+            shapes = list(dict.fromkeys(map(tuple, s["seq_sweep"] + s["batch_sweep"])))
+            results["scaling"] = run_worker("scaling", {**base, "mode": args.modes[0], "shapes": shapes,
+                                                        "remats": ["none", "full"], "steps": s["scaling_steps"],
+                                                        "warmup": s["scaling_warmup"]})
+    finally:
+        shutil.rmtree(hf_dir, ignore_errors=True)
+    results["load_after"] = os.getloadavg()
+    results["wall_s"] = time.perf_counter() - started
+    add_flops(results, s)
+    text = report.markdown(results)
+    print(text)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{results['date'][:10]}-{host['slug']}" + ("-quick" if args.quick else "")
+    (args.results_dir / f"{stem}.md").write_text(text)
+    (args.results_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"bench: wrote {args.results_dir / stem}.md and .json ({results['wall_s']:.0f} s)", file=sys.stderr)
+
+
+def _preset(s: dict[str, Any]) -> dict[str, Any]:
+    return {"preset": s["preset"], "overrides": s["overrides"]}
+
+
+def add_flops(results: dict[str, Any], s: dict[str, Any]) -> None:
+    """FLOPs per token and MFU (against the jax matmul peak) wherever there is a tokens/s."""
+    m, rank = results["model"], LORA["rank"]
+    peak = results.get("peak", {}).get("jax_gflops")
+
+    def mfu(flops: float, tokens_per_s: float) -> float | None:
+        return None if not peak else flops * tokens_per_s / (peak * 1e9)
+
+    for mode, r in results.get("speed", {}).items():
+        r["flops_per_token"] = flops_per_token(m, mode, r["seq"], rank)
+        r["ratio"] = r["sftjax"]["tokens_per_s"] / r["peer"]["tokens_per_s"]
+        for stack in STACKS:
+            r[stack]["mfu"] = mfu(r["flops_per_token"], r[stack]["tokens_per_s"])
+    scaling = results.get("scaling")
+    if scaling:
+        for row in scaling["rows"]:
+            row["flops_per_token"] = flops_per_token(m, scaling["mode"], row["seq"], rank)
+            row["mfu"] = mfu(row["flops_per_token"], row["tokens_per_s"])
+        scaling["seq_sweep"] = [list(x) for x in s["seq_sweep"]]
+        scaling["batch_sweep"] = [list(x) for x in s["batch_sweep"]]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The markdown report of a bench.py result dict (one table per section present)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MiB = 2**20
+
+
+def _f(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _mib(x: float | None) -> str:
+    return "-" if x is None else f"{x / MiB:,.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def header(r: dict[str, Any]) -> list[str]:
+    m, host, v = r["model"], r["machine"], r["versions"]
+    s = r["settings"]
+    lines = [
+        "# sftjax vs transformers + PEFT: train step on CPU" + (" (--quick: tiny config, not a measurement)"
+                                                               if r["quick"] else ""),
+        "",
+        f"- date {r['date']}; machine: {host['cpu']}, {host['cores']} cores; Python {host['python']}",
+        "- " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- command: `{r['command']}`",
+        (f"- load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in r['load_before'])}, after "
+         f"{'/'.join(f'{x:.2f}' for x in r['load_after'])}; wall time {r['wall_s']:.0f} s"),
+        (f"- model: {m['family']}, vocab {m['vocab_size']}, width {m['hidden_size']}, {m['num_layers']} layers, "
+         f"{m['num_heads']} q / {m['num_kv_heads']} kv heads of {m['head_dim']}, FFN {m['intermediate_size']}, "
+         f"{'tied' if m['tie_word_embeddings'] else 'untied'}, {m['num_params'] / 1e6:.2f}M parameters, float32; "
+         f"batch {s['batch']} x seq {s['seq']}; LoRA r={s['lora']['rank']} alpha={s['lora']['alpha']:g} on "
+         "q,k,v,o,gate,up,down; AdamW; QLoRA NF4 + double quant"),
+        f"- speed: medians of {s['steps']} steps after {s['warmup']} warm-up steps, the two stacks alternating",
+    ]
+    return lines
+
+
+def peak(r: dict[str, Any]) -> list[str]:
+    p = r["peak"]
+    return ["", "## Matmul peak (float32)", "",
+            (f"jax (jit, [{p['n']}, {p['n']}] @ [{p['n']}, {p['n']}]): **{p['jax_gflops']:.1f} GFLOP/s**; torch: "
+             f"{p['torch_gflops']:.1f} GFLOP/s (medians of {len(p['jax_runs'])} rounds). MFU below is against the "
+             "jax figure for both stacks.")]
+
+
+def speed(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for mode, x in r["speed"].items():
+        a, b = x["sftjax"], x["peer"]
+        rows.append([mode, _f(a["tokens_per_s"]), _f(b["tokens_per_s"]), f"**{x['ratio']:.2f}x**",
+                     _f(x["flops_per_token"] / 1e6, 1), _pct(a.get("mfu")), _pct(b.get("mfu")),
+                     f"{a['losses'][0]:.4f} / {b['losses'][0]:.4f}", _f(a["first_step_s"], 1)])
+    facts = next(iter(r["speed"].values()))["peer_setup"]
+    return ["", "## Train-step throughput", "",
+            *_table(["mode", "sftjax tokens/s", "peer tokens/s", "sftjax / peer", "MFLOP/token", "sftjax MFU",
+                     "peer MFU", "loss of step 1 (sftjax / peer)", "first sftjax step s (compiles)"], rows),
+            "", (f"Peer: torch {facts['threads']} threads, attention `{facts['attn_implementation']}`, "
+                 f"{facts['optimizer']}; QLoRA layers `{_qlora_class(r)}`.")]
+
+
+def _qlora_class(r: dict[str, Any]) -> str:
+    q = r.get("speed", {}).get("qlora") or r.get("memory", {}).get("qlora", {}).get("peer")
+    return (q or {}).get("peer_setup", {}).get("q_proj_class", "-")
+
+
+def memory(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for mode, stacks in r["memory"].items():
+        for stack, x in stacks.items():
+            rows.append([mode, stack, _f(x["peak_rss_mib"]), _f(x["rss_after_imports_mib"]),
+                         _mib(x["trainable_bytes"]), _mib(x["frozen_bytes"]), _mib(x["opt_state_bytes"]),
+                         _mib(x.get("xla_temp_bytes")), _f(x["solo_tokens_per_s"])])
+    return ["", "## Memory (each stack and mode alone in its own process)", "",
+            *_table(["mode", "stack", "peak RSS MiB", "RSS after imports MiB", "trainable params MiB",
+                     "frozen params MiB", "optimizer state MiB", "XLA temp buffers MiB", "tokens/s alone"], rows),
+            "", ("Frozen params under QLoRA: 4-bit codes + quantization constants + the float parts (embeddings, "
+                 "norms, lm_head). XLA temp buffers: activations, gradients and scratch of the compiled sftjax step.")]
+
+
+def compile_time(r: dict[str, Any]) -> list[str]:
+    c = r["compile"]
+    cell = {(x["mode"], x["layers"], x["scan_layers"]): x for x in c["rows"]}
+    rows = []
+    for mode, layers in dict.fromkeys((x["mode"], x["layers"]) for x in c["rows"]):
+        row = [mode, str(layers)]
+        for scan in (True, False):
+            x = cell[(mode, layers, scan)]
+            row.append(f"{x['lower_s']:.1f} + {x['compile_s']:.1f} = **{x['lower_s'] + x['compile_s']:.1f}**")
+        rows.append(row)
+    return ["", f"## Compile time of the first sftjax step (batch {c['batch']} x {c['seq']})", "",
+            *_table(["mode", "layers", "scan_layers=True: trace+lower + compile s",
+                     "scan_layers=False (unrolled)"], rows)]
+
+
+def scaling(r: dict[str, Any]) -> list[str]:
+    sc = r["scaling"]
+    cell = {(x["batch"], x["seq"], x["remat"]): x for x in sc["rows"]}
+    b0, t0 = sc["seq_sweep"][0]
+
+    def table(shapes: list[list[int]]) -> list[str]:
+        rows = []
+        for b, T in shapes:
+            row = [str(b), str(T), str(b * T)]
+            for remat in ("none", "full"):
+                x = cell.get((b, T, remat))
+                row += ["-"] * 3 if x is None else [_f(x["tokens_per_s"]), _pct(x.get("mfu")),
+                                                    _mib(x["xla_temp_bytes"])]
+            rows.append(row)
+        return _table(["batch", "seq", "tokens/batch", "tokens/s", "MFU", "XLA temp MiB", "tokens/s remat=full",
+                       "MFU", "XLA temp MiB"], rows)
+
+    return ["", f"## Scaling of the sftjax step ({sc['mode']})", "",
+            f"Sequence length at fixed tokens per batch ({b0 * t0}):", "", *table(sc["seq_sweep"]), "",
+            f"Batch size at seq {sc['batch_sweep'][0][1]}:", "", *table(sc["batch_sweep"]), "",
+            "MFU here counts attention FLOPs at each row's sequence length (12 L T N H per token)."]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = header(r)
+    for key, fn in (("peak", peak), ("speed", speed), ("memory", memory), ("compile", compile_time),
+                    ("scaling", scaling)):
+         if key in r:
+             lines += fn(r)
+    return "\n".join(lines) + "\n"

@@ -121,12 +121,27 @@ class TrainerSection:
 
 
 @dataclasses.dataclass
+class BuiltinSection:
+    cache_dir: str = "${oc.env:SFTJAX_CACHE,'~/.cache/sftjax'}"  # built corpus, tokenizer and pre-trained base
+    vocab_size: int = 4096  # BPE vocabulary trained on the corpus (4k: every spaced digit is one token)
+    pretrain_steps: int = 300  # optimizer steps of the base's pre-training
+    pretrain_batch: int = 16  # rows of pretrain_seq_len tokens per step
+    pretrain_seq_len: int = 256  # tokens per pre-training row
+    pretrain_lr: float = 3e-3  # peak learning rate of pre-training (warmup + cosine)
+    train_examples: int = 2000  # labeled training examples per task (at most)
+    eval_examples: int = 100  # held-out examples per task scored by generation (at most)
+    few_shot: int = 3  # solved examples in front of each prompt for the few-shot baseline
+    max_new_tokens: int = 8  # generation length when scoring answers
+
+
+@dataclasses.dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     method: MethodSection = field(default_factory=MethodSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    builtin: BuiltinSection = field(default_factory=BuiltinSection)  # the main job: model=builtin, no data.train
 
 
 def register() -> None:
@@ -155,7 +170,8 @@ def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> Non
     _check(isinstance(lo.target_modules, (str, list, tuple)), "method.lora.target_modules", lo.target_modules,
            "must be all-linear, a list of module names or one regex")
     _check(q.kind in ("nf4", "int4"), "method.quant.kind", q.kind, "must be nf4 or int4")
-    _check(bool(d.train), "data.train", [], "no training dataset (e.g. data=path/to/train.jsonl)")
+    _check(bool(d.train), "data.train", [], "no training dataset (e.g. data=path/to/train.jsonl; without one, "
+           "sftjax-train runs the built-in tasks)")
     _check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
     _check(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
     _check(o.name in ("adamw", "adafactor", "sgd"), "optim.name", o.name, "must be adamw, adafactor or sgd")

@@ -1,5 +1,6 @@
 """`sftjax-train`: the Hydra app around `sftjax.train.loop.run_training`.
 
+    sftjax-train                                                  # the main job (sftjax.job): built-in tasks
     sftjax-train model=path/to/hf_dir data=train.jsonl trainer.max_steps=500 optim.lr=1e-4
     sftjax-train -m optim.lr=1e-4,3e-4 trainer.max_steps=200 ...            # a grid sweep (Hydra multirun)
 
@@ -27,11 +28,13 @@ from sftjax.errors import UserError
 
 @hydra.main(version_base="1.3", config_path="pkg://sftjax.conf", config_name="config")
 def _app(cfg: DictConfig) -> float | None:
-    from sftjax.train.loop import run_training  # deferred: JAX starts after Hydra has parsed the command line
+    from sftjax.job.run import run_job, uses_builtin  # deferred: JAX starts after Hydra parsed the command line
+    from sftjax.train.loop import run_training
 
     try:
         typed = OmegaConf.to_object(cfg)
-        result = run_training(typed, OmegaConf.to_container(cfg, resolve=True))
+        run = run_job if uses_builtin(typed) else run_training
+        result = run(typed, OmegaConf.to_container(cfg, resolve=True))
     except UserError as e:
         sys.exit(fail("sftjax-train", str(e)))
     shown = ("step", "train/loss", "eval/loss", "eval/ppl", "eval/accuracy", "metric")
@@ -39,9 +42,15 @@ def _app(cfg: DictConfig) -> float | None:
     return result.get("metric")
 
 
+def main_job_defaults(args: list[str]) -> list[str]:
+    """No dataset and no experiment on the command line: run the main job (conf/experiment/main.yaml)."""
+    given = any(a.split("=")[0].lstrip("+~") in ("data.train", "experiment") for a in args)
+    return args if given else [*args, "experiment=main"]
+
+
 def main() -> None:
     register()
-    sys.argv = [sys.argv[0], *expand_shorthands(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *main_job_defaults(expand_shorthands(sys.argv[1:]))]
     # Let configuration errors reach us instead of Hydra's multi-line report; bugs keep their traceback.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

@@ -1,0 +1,142 @@
+"""Step 1 of the main job: a small base model pre-trained from scratch on the built-in corpus, built once and cached.
+
+    cache_dir/builtin-py3.11-<key>/
+        corpus/      corpus_train.jsonl, corpus_heldout.jsonl, corpus.json  (sftjax.data.builtin.corpus)
+        tasks/       <task>_train.jsonl, <task>_eval.jsonl                  (sftjax.data.builtin.tasks)
+        pretrain/    the pre-training run (sftjax's own loop: metrics.jsonl, checkpoints/; resumable)
+        base/        the pre-trained base as an HF directory: config.json, model.safetensors, tokenizer files
+
+<key> hashes the corpus fingerprint and every setting that changes the base (architecture, vocabulary, steps,
+batch, learning rate), so a changed setting builds a new base instead of reusing a stale one. A directory counts
+as built only when its `done.json` is written, last; an interrupted build resumes (the pre-training run resumes
+from its latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import jax
+
+from sftjax.config import BuiltinSection, DatasetSection, TrainConfig
+from sftjax.data.builtin import corpus as corpus_lib
+from sftjax.data.builtin import tasks as tasks_lib
+from sftjax.data.tokenizer import train_bpe_tokenizer
+from sftjax.model.config import ModelConfig
+from sftjax.model.hf import save_pretrained
+
+log = logging.getLogger("sftjax")
+
+
+def base_config(vocab_size: int) -> ModelConfig:
+    """The base: a 4-layer Llama (D 128, 4 query / 2 key-value heads, FFN 384, tied embeddings): 1.1M parameters
+    at a 4096 vocabulary, small enough to pre-train in minutes on a 2-core CPU."""
+    return ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4,
+                       num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
+                       tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+
+
+@dataclasses.dataclass
+class Builtin:
+    """Where the built-in corpus, tasks and base are, once built."""
+
+    root: Path
+    corpus: corpus_lib.CorpusInfo
+    tasks: dict[str, tasks_lib.TaskFiles]
+    base_dir: Path
+    pretrain_dir: Path
+
+
+def _write_done(path: Path, info: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _pretrain_config(settings: BuiltinSection, root: Path, model_dir: Path, corpus: corpus_lib.CorpusInfo,
+                     template: TrainConfig) -> TrainConfig:
+    """A full-fine-tuning run from random init on the corpus text (every token trained)."""
+    cfg = dataclasses.replace(template)
+    cfg.model = dataclasses.replace(template.model, path=str(model_dir), tokenizer=None, dropout=0.0,
+                                    dtype="float32", param_dtype="float32")
+    cfg.method = dataclasses.replace(template.method, name="full")
+    cfg.data = dataclasses.replace(template.data, train=[DatasetSection(path=str(corpus.train_path), format="text",
+                                                                        name="corpus")],
+                                   eval=[DatasetSection(path=str(corpus.heldout_path), format="text",
+                                                        name="corpus")],
+                                   eval_fraction=0.0, seq_len=settings.pretrain_seq_len, mask="all",
+                                   packing="greedy", chat_template=None)
+    cfg.optim = dataclasses.replace(template.optim, name="adamw", lr=settings.pretrain_lr, weight_decay=0.1,
+                                    b2=0.99, schedule="cosine", warmup_steps=min(50, settings.pretrain_steps // 10),
+                                    min_lr_ratio=0.1, max_grad_norm=1.0)
+    steps = settings.pretrain_steps
+    cfg.trainer = dataclasses.replace(template.trainer, max_steps=steps, batch_size=settings.pretrain_batch,
+                                      grad_accum=1, devices=1, log_every=max(steps // 20, 1),
+                                      eval_every=max(steps // 4, 1), eval_batches=8, num_samples=0, save_every=100,
+                                      keep_last=1, keep_best=0, best_metric="eval/loss", patience=0,
+                                      resume="auto", run_dir=str(root / "pretrain"), progress=template.trainer.progress)
+    return cfg
+
+
+def ensure_builtin(template: TrainConfig) -> Builtin:
+    """Build (or reuse) the corpus, the tasks, the tokenizer and the pre-trained base under builtin.cache_dir."""
+    from sftjax.train.loop import run_training  # the loop imports the model stack: only when needed
+
+    settings = template.builtin
+    cache = Path(settings.cache_dir).expanduser()
+    version = f"py{sys.version_info.major}.{sys.version_info.minor}"
+    # Records of about one pre-training row (3.3 characters per token of a corpus-trained BPE): little truncation.
+    corpus = corpus_lib.build_corpus(cache / f"corpus-{version}", record_chars=int(3.3 * settings.pretrain_seq_len))
+    arch = base_config(settings.vocab_size)
+    key_parts = [corpus.fingerprint, json.dumps(dataclasses.asdict(arch), sort_keys=True, default=str),
+                 settings.vocab_size, settings.pretrain_steps, settings.pretrain_batch, settings.pretrain_seq_len,
+                 settings.pretrain_lr]
+    key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:12]
+    root = cache / f"builtin-{version}-{key}"
+    base_dir, done = root / "base", root / "done.json"
+    tasks = tasks_lib.build_tasks(root / f"tasks-{settings.train_examples}", seed=0,
+                                  heldout_modules=corpus.heldout_modules, n_train=settings.train_examples)
+    if done.is_file():
+        log.info("built-in base: reusing %s (corpus %s, Python %s)", base_dir, corpus.fingerprint[:12],
+                 corpus.python_version)
+        return Builtin(root, corpus, tasks, base_dir, root / "pretrain")
+
+    log.info("built-in corpus: %d modules, %d docstrings and comment blocks, %.2f M characters (Python %s, "
+             "fingerprint %s)", corpus.n_modules["train"], corpus.n_docs["train"], corpus.n_chars["train"] / 1e6,
+             corpus.python_version, corpus.fingerprint)
+    model_dir = root / "init"
+    if not (model_dir / "config.json").is_file():
+        texts = (json.loads(line)["text"] for line in corpus.train_path.read_text().splitlines())
+        tokenizer = train_bpe_tokenizer(texts, settings.vocab_size, chat_template=None)
+        assert tokenizer.vocab_size <= settings.vocab_size
+        from sftjax.model.transformer import init_params
+
+        params = init_params(arch, jax.random.key(0))
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(model_dir)
+        save_pretrained(model_dir, arch, params, overwrite=True)
+    log.info("pre-training the built-in base (%.2fM parameters, %d steps of %d x %d tokens) in %s",
+             arch.num_params() / 1e6, settings.pretrain_steps, settings.pretrain_batch, settings.pretrain_seq_len,
+             root / "pretrain")
+    cfg = _pretrain_config(settings, root, model_dir, corpus, template)
+    run_training(cfg)
+    export_final(cfg, base_dir)
+    _write_done(done, {"corpus": corpus.fingerprint, "python": corpus.python_version, "key_parts": key_parts})
+    return Builtin(root, corpus, tasks, base_dir, root / "pretrain")
+
+
+def export_final(cfg: TrainConfig, out: Path) -> None:
+    """The pre-training run's last checkpoint as an HF directory with the tokenizer files."""
+    from sftjax.cli.export import tokenizer_files
+    from sftjax.train.setup import build_model, restore_checkpoint
+
+    model = build_model(cfg)
+    trainable, _ = restore_checkpoint(cfg, Path(cfg.trainer.run_dir) / "checkpoints", model)
+    save_pretrained(out, model.cfg, jax.tree.map(lambda x: x, trainable), overwrite=True,
+                    extra_files=tokenizer_files(cfg.model.path))

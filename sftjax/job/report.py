@@ -1,0 +1,165 @@
+"""Step 3 of the main job: the base against the fine-tuned model, on held-out data, as a table and a report.
+
+For each task: exact-match accuracy of greedy answers (the held-out split) of
+    base, zero-shot     the task prompt alone
+    base, k-shot        k solved training examples in front of the prompt (the few-shot baseline)
+    fine-tuned          the task prompt alone
+and, for both models, the loss on the held-out corpus (modules the base never saw): its increase after
+fine-tuning is the catastrophic forgetting. Written into the run directory: report.md, report.json,
+loss_curves.png (pre-training and fine-tuning curves) and accuracy.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sftjax.config import TrainConfig
+from sftjax.data.builtin.tasks import TaskFiles, few_shot_prompt
+from sftjax.data.pipeline import DataConfig, DatasetSpec, Prepared, prepare
+from sftjax.data.tokenizer import Tokenizer
+from sftjax.model.config import ModelConfig
+from sftjax.model.transformer import Params
+from sftjax.train import evaluate
+from sftjax.train.state import device_mesh, replicate
+from sftjax.train.step import AXIS, eval_sums
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def few_shot_file(task: TaskFiles, k: int, limit: int, out: Path, seed: int = 0) -> Path:
+    """The held-out prompts with k solved training examples in front (fixed per task: the same k shots)."""
+    train, held = _read_jsonl(task.train_path), _read_jsonl(task.eval_path)[:limit]
+    rng = np.random.default_rng(seed)
+    shots = [train[i] for i in rng.choice(len(train), size=k, replace=False)]
+    records = [{"prompt": few_shot_prompt(shots, q), "completion": q["completion"]} for q in held]
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out
+
+
+def _prepared(paths: list[tuple[str, Path]], tokenizer: Tokenizer, seq_len: int, fmt: str = "auto",
+              mask: str = "completion", limit: int = 0) -> Prepared:
+    specs = [DatasetSpec(str(p), format=fmt, name=name) for name, p in paths]
+    data = prepare(DataConfig(specs, seq_len=seq_len, mask=mask, per_device_batch=8, num_epochs=1,
+                              over_long="truncate"), tokenizer)  # a long few-shot prompt loses its first shots
+    return evaluate.one_pass(data, limit)
+
+
+def corpus_loss(cfg: ModelConfig, params: Params, data: Prepared, max_batches: int) -> float:
+    """Mean next-token loss of `params` on the held-out corpus (teacher forced, one device)."""
+    p_eval = jax.pmap(functools.partial(eval_sums, cfg=cfg, num_tasks=1), axis_name=AXIS,
+                      devices=jax.local_devices()[:1])
+    mesh = device_mesh(1)
+    result = evaluate.teacher_forced(p_eval, replicate(params, mesh), replicate({}, mesh), data, 1, max_batches)
+    return result["loss"]
+
+
+@dataclasses.dataclass
+class Comparison:
+    tasks: list[str]
+    zero_shot: dict[str, float]  # task -> exact match of the base, prompt alone
+    few_shot: dict[str, float]  # task -> exact match of the base, k shots in front
+    fine_tuned: dict[str, float]  # task -> exact match of the fine-tuned model
+    corpus_loss_base: float
+    corpus_loss_tuned: float
+    k: int
+    examples: dict[str, int]
+
+
+def compare(cfg: TrainConfig, tasks: dict[str, TaskFiles], corpus_heldout: Path, tokenizer: Tokenizer,
+            base: tuple[ModelConfig, Params], tuned: tuple[ModelConfig, Params], work: Path) -> Comparison:
+    b = cfg.builtin
+    limit, names = b.eval_examples, list(tasks)
+    held = _prepared([(n, tasks[n].eval_path) for n in names], tokenizer, seq_len=512, limit=limit)
+    shots = _prepared([(n, few_shot_file(tasks[n], b.few_shot, limit, work / f"{n}_{b.few_shot}shot.jsonl"))
+                       for n in names], tokenizer, seq_len=1024, limit=limit)
+
+    def accuracy(model, data):
+        acc = evaluate.generation_accuracy(model[0], model[1], tokenizer, data, b.max_new_tokens)
+        return {n: acc[f"{n}/exact_match"] for n in names}
+
+    corpus = _prepared([("corpus", corpus_heldout)], tokenizer, seq_len=256, fmt="text", mask="all")
+    return Comparison(names, accuracy(base, held), accuracy(base, shots), accuracy(tuned, held),
+                      corpus_loss(*base, corpus, 16), corpus_loss(*tuned, corpus, 16), b.few_shot,
+                      {n: len(d) for n, d in zip(names, held.datasets)})
+
+
+def table(c: Comparison) -> str:
+    """The before / after table (markdown)."""
+    rows = [f"| task | held-out examples | base, zero-shot | base, {c.k}-shot | fine-tuned |",
+            "| --- | --- | --- | --- | --- |"]
+    for n in c.tasks:
+        rows.append(f"| {n} | {c.examples[n]} | {c.zero_shot[n]:.1%} | {c.few_shot[n]:.1%} | {c.fine_tuned[n]:.1%} |")
+    mean = lambda d: float(np.mean([d[n] for n in c.tasks]))  # noqa: E731
+    rows.append(f"| **mean** | | {mean(c.zero_shot):.1%} | {mean(c.few_shot):.1%} | **{mean(c.fine_tuned):.1%}** |")
+    rows.append("")
+    rows.append(f"Held-out corpus loss (forgetting): base {c.corpus_loss_base:.3f}, fine-tuned "
+                f"{c.corpus_loss_tuned:.3f} ({c.corpus_loss_tuned - c.corpus_loss_base:+.3f})")
+    return "\n".join(rows)
+
+
+def _curves(metrics: Path) -> dict[str, tuple[list[int], list[float]]]:
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    if not metrics.is_file():
+        return out
+    for line in _read_jsonl(metrics):
+        if "loss" in line and line.get("loss") is not None:
+            steps, values = out.setdefault(line["split"], ([], []))
+            steps.append(line["step"])
+            values.append(line["loss"])
+    return out
+
+
+def plots(run_dir: Path, pretrain_dir: Path, c: Comparison) -> list[str]:
+    """loss_curves.png and accuracy.png in run_dir; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (title, metrics) in zip(axes, (("pre-training (built-in corpus)", pretrain_dir / "metrics.jsonl"),
+                                           ("fine-tuning (task mixture)", run_dir / "metrics.jsonl"))):
+        for split, (steps, values) in sorted(_curves(metrics).items()):
+            ax.plot(steps, values, marker="o" if split == "eval" else None, markersize=3, label=split)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats / token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss_curves.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    x = np.arange(len(c.tasks))
+    for i, (label, values) in enumerate((("base, zero-shot", c.zero_shot), (f"base, {c.k}-shot", c.few_shot),
+                                         ("fine-tuned", c.fine_tuned))):
+        ax.bar(x + (i - 1) * 0.27, [100 * values[n] for n in c.tasks], width=0.27, label=label)
+    ax.set_xticks(x, c.tasks)
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "accuracy.png", dpi=110)
+    plt.close(fig)
+    return ["loss_curves.png", "accuracy.png"]
+
+
+def write_report(run_dir: Path, c: Comparison, context: dict[str, Any], images: list[str]) -> Path:
+    lines = ["# sftjax main job: base vs fine-tuned", "", table(c), ""]
+    lines += [f"- {k}: {v}" for k, v in context.items()]
+    lines += [""] + [f"![{name}]({name})" for name in images] + [""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    (run_dir / "report.json").write_text(json.dumps({**dataclasses.asdict(c), "context": context}, indent=2,
+                                                    default=str) + "\n")
+    return path

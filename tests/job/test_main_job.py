@@ -1,0 +1,47 @@
+"""The main job (`sftjax-train` with no dataset) end to end, shrunk to seconds: it builds the corpus, tasks,
+tokenizer and base into a fresh cache, fine-tunes, and writes the report; a second run reuses the cached base.
+The real settings (and their accuracy) are exercised by running the README's first command, not here."""
+
+import json
+import os
+
+from tests.train.conftest import run_train
+
+SMALL = ("builtin.pretrain_steps=6", "builtin.pretrain_batch=4", "builtin.pretrain_seq_len=64",
+         "builtin.train_examples=64", "builtin.eval_examples=4", "builtin.few_shot=2", "builtin.max_new_tokens=4",
+         "trainer.max_steps=4", "optim.warmup_steps=1", "trainer.batch_size=4", "trainer.eval_every=2", "trainer.save_every=2",
+         "trainer.devices=1", "trainer.progress=false")
+
+
+def test_main_job_builds_trains_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTJAX_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    done = run_train(*SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
+    out = done.stdout + done.stderr
+    assert "pre-training the built-in base" in out and "built-in corpus:" in out
+    assert "| task | held-out examples | base, zero-shot | base, 2-shot | fine-tuned |" in done.stdout
+    assert "Held-out corpus loss (forgetting)" in done.stdout
+    report = json.loads((run / "report.json").read_text())
+    assert len(report["tasks"]) >= 3 and set(report["fine_tuned"]) == set(report["tasks"])
+    assert all(0.0 <= v <= 1.0 for v in report["zero_shot"].values())
+    assert "![loss_curves.png](loss_curves.png)" in (run / "report.md").read_text()
+    for name in ("loss_curves.png", "accuracy.png"):
+        assert (run / name).stat().st_size > 5000, name
+    assert (run / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"]["name"] == "lora" and config["model"]["path"].endswith("/base")
+    assert len(config["data"]["train"]) == len(report["tasks"])
+
+    again = run_train(*SMALL, f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
+    assert "built-in base: reusing" in again.stdout + again.stderr
+    assert "pre-training the built-in base" not in again.stdout + again.stderr
+    assert os.listdir(tmp_path / "cache")  # everything built lives under SFTJAX_CACHE
+
+
+def test_the_main_job_is_what_runs_without_a_dataset():
+    from sftjax.cli.train import main_job_defaults
+
+    assert main_job_defaults([]) == ["experiment=main"]
+    assert main_job_defaults(["method=full"]) == ["method=full", "experiment=main"]
+    assert main_job_defaults(["data.train=[{path:a.jsonl}]"]) == ["data.train=[{path:a.jsonl}]"]
+    assert main_job_defaults(["experiment=optuna_lr"]) == ["experiment=optuna_lr"]

@@ -9,8 +9,8 @@ from tests.train.conftest import run_train
 
 SMALL = ("builtin.pretrain_steps=6", "builtin.pretrain_batch=4", "builtin.pretrain_seq_len=64",
          "builtin.train_examples=64", "builtin.eval_examples=4", "builtin.few_shot=2", "builtin.max_new_tokens=4",
-         "trainer.max_steps=4", "optim.warmup_steps=1", "trainer.batch_size=4", "trainer.eval_every=2", "trainer.save_every=2",
-         "trainer.devices=1", "trainer.progress=false")
+         "trainer.max_steps=4", "optim.warmup_steps=1", "trainer.batch_size=4", "trainer.eval_every=2",
+         "trainer.save_every=2", "trainer.devices=1", "trainer.progress=false")
 
 
 def test_main_job_builds_trains_and_reports(tmp_path, monkeypatch):

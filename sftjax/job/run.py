@@ -52,6 +52,7 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
         return result
 
     run_dir = Path(cfg.trainer.run_dir)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
     tuned = build_model(cfg)
     trainable, step = restore_checkpoint(cfg, run_dir / "checkpoints", tuned)
     tokenizer = build_tokenizer(cfg, tuned.cfg)

@@ -7,6 +7,7 @@ one-line reporting of user errors.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -59,6 +60,13 @@ def compose_config(overrides: list[str]) -> TrainConfig:
     with initialize_config_module("sftjax.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*expand_shorthands(overrides), "trainer.run_dir=."])
     return OmegaConf.to_object(cfg)
+
+
+def add_checkpoint_choice(parser: argparse.ArgumentParser) -> None:
+    """--step N | --best: which checkpoint of a --run (default: the latest)."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="with --run: the checkpoint of this step (default: the latest)")
+    which.add_argument("--best", action="store_true", help="with --run: the best checkpoint by trainer.best_metric")
 
 
 def run_config(run_dir: str | Path, overrides: list[str]) -> TrainConfig:

@@ -30,14 +30,14 @@ import jax
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from sftjax.cli.common import compose_config, fail, one_line, run_config
+from sftjax.cli.common import add_checkpoint_choice, compose_config, fail, one_line, run_config
 from sftjax.config import DatasetSection, TrainConfig
 from sftjax.data.pipeline import Prepared
 from sftjax.data.tokenizer import Tokenizer
 from sftjax.errors import UserError
 from sftjax.model.config import PRESETS
 from sftjax.train import evaluate
-from sftjax.train.setup import Model, build_data, build_model, build_tokenizer, restore_checkpoint
+from sftjax.train.setup import build_data, build_model, build_tokenizer, restore_checkpoint
 from sftjax.train.state import device_mesh, merge_params, replicate
 from sftjax.train.step import AXIS, eval_sums
 
@@ -48,9 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="base model: local HF directory or preset name (as sftjax-train model=)")
     source.add_argument("--run", help="training run directory (config.json, checkpoints/)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int, help="with --run: the checkpoint of this step (default: the latest)")
-    which.add_argument("--best", action="store_true", help="with --run: the best checkpoint by trainer.best_metric")
+    add_checkpoint_choice(p)
     p.add_argument("--data", action="append", default=[], metavar="FILE",
                    help="dataset to evaluate on, one task each (repeat); default with --run: the run's eval split")
     p.add_argument("--tokenizer", help="directory with tokenizer.json (sets model.tokenizer)")
@@ -95,11 +93,6 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def restore_trainable(cfg: TrainConfig, args: argparse.Namespace, model: Model) -> tuple[Any, int]:
-    """(trainable, step) of the chosen checkpoint of --run (see `sftjax.train.setup.restore_trainable`)."""
-    return restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
-
-
 def eval_data(cfg: TrainConfig, tokenizer: Tokenizer, args: argparse.Namespace) -> Prepared:
     """The --data files (under the run's data settings), or the run's eval split; every example once."""
     if args.data:
@@ -126,7 +119,7 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
     data = eval_data(cfg, tokenizer, args)
     step = None
     if args.run:
-        trainable, step = restore_trainable(cfg, args, model)
+        trainable, step = restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
     names = evaluate.task_names(data)
     # The eval half of step.compile_steps, on one device.
     p_eval = jax.pmap(functools.partial(eval_sums, cfg=model_cfg, num_tasks=len(names)), axis_name=AXIS,

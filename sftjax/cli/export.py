@@ -27,7 +27,7 @@ import numpy as np
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from sftjax.cli.common import fail, one_line, run_config
+from sftjax.cli.common import add_checkpoint_choice, fail, one_line, run_config
 from sftjax.errors import UserError
 from sftjax.model.config import DTYPES
 from sftjax.model.hf import load_pretrained, save_pretrained
@@ -46,9 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--run", help="training run directory (config.json, checkpoints/)")
     source.add_argument("--adapter", help="a PEFT LoRA adapter directory to merge into --model")
     p.add_argument("--model", help="with --adapter: the base model directory")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int, help="the checkpoint of this step (default: the latest)")
-    which.add_argument("--best", action="store_true", help="the best checkpoint by trainer.best_metric")
+    add_checkpoint_choice(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", choices=("merged", "peft"), default="merged", help="merged HF checkpoint (default) "
                                                                                   "or PEFT adapter")

@@ -2,7 +2,7 @@
 
     cache_dir/builtin-py3.11-<key>/
         corpus/      corpus_train.jsonl, corpus_heldout.jsonl, corpus.json  (sftjax.data.builtin.corpus)
-        tasks/       <task>_train.jsonl, <task>_eval.jsonl                  (sftjax.data.builtin.tasks)
+        tasks-<n>/   <task>_train.jsonl, <task>_eval.jsonl (n train examples)  (sftjax.data.builtin.tasks)
         pretrain/    the pre-training run (sftjax's own loop: metrics.jsonl, checkpoints/; resumable)
         base/        the pre-trained base as an HF directory: config.json, model.safetensors, tokenizer files
 
@@ -29,12 +29,13 @@ from sftjax.data.builtin import tasks as tasks_lib
 from sftjax.data.tokenizer import train_bpe_tokenizer
 from sftjax.model.config import ModelConfig
 from sftjax.model.hf import save_pretrained
+from sftjax.model.transformer import init_params
 
 log = logging.getLogger("sftjax")
 
 
 def base_config(vocab_size: int) -> ModelConfig:
-    """The base: a 4-layer Llama (D 128, 4 query / 2 key-value heads, FFN 384, tied embeddings): 1.1M parameters
+    """The base: a 4-layer Llama (D 128, 4 query / 2 key-value heads, FFN 384, tied embeddings): 1.3M parameters
     at a 4096 vocabulary, small enough to pre-train in minutes on a 2-core CPU."""
     return ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4,
                        num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
@@ -114,9 +115,6 @@ def ensure_builtin(template: TrainConfig) -> Builtin:
     if not (model_dir / "config.json").is_file():
         texts = (json.loads(line)["text"] for line in corpus.train_path.read_text().splitlines())
         tokenizer = train_bpe_tokenizer(texts, settings.vocab_size, chat_template=None)
-        assert tokenizer.vocab_size <= settings.vocab_size
-        from sftjax.model.transformer import init_params
-
         params = init_params(arch, jax.random.key(0))
         model_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(model_dir)
@@ -138,5 +136,5 @@ def export_final(cfg: TrainConfig, out: Path) -> None:
 
     model = build_model(cfg)
     trainable, _ = restore_checkpoint(cfg, Path(cfg.trainer.run_dir) / "checkpoints", model)
-    save_pretrained(out, model.cfg, jax.tree.map(lambda x: x, trainable), overwrite=True,
+    save_pretrained(out, model.cfg, trainable, overwrite=True,
                     extra_files=tokenizer_files(cfg.model.path))

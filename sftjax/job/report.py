@@ -1,6 +1,7 @@
 """Step 3 of the main job: the base against the fine-tuned model, on held-out data, as a table and a report.
 
-For each task: exact-match accuracy of greedy answers (the held-out split) of
+"The base" is the model before fine-tuning as the run holds it (under qlora: the quantized base; adapters start at
+B = 0, so they do not change it). For each task: exact-match accuracy of greedy answers (the held-out split) of
     base, zero-shot     the task prompt alone
     base, k-shot        k solved training examples in front of the prompt (the few-shot baseline)
     fine-tuned          the task prompt alone

@@ -20,7 +20,7 @@ from typing import Any
 from sftjax.config import DatasetSection, TrainConfig
 from sftjax.job import report as report_lib
 from sftjax.job.base import ensure_builtin
-from sftjax.model.hf import load_pretrained
+from sftjax.peft.lora import count
 from sftjax.train.loop import run_training
 from sftjax.train.setup import build_model, build_tokenizer, restore_checkpoint
 from sftjax.train.state import merge_params
@@ -53,17 +53,16 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
 
     run_dir = Path(cfg.trainer.run_dir)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
-    tuned = build_model(cfg)
+    tuned = build_model(cfg)  # the model before fine-tuning (fresh adapters: B = 0), then restored after it
+    before = merge_params(tuned.frozen, tuned.trainable)
     trainable, step = restore_checkpoint(cfg, run_dir / "checkpoints", tuned)
     tokenizer = build_tokenizer(cfg, tuned.cfg)
-    base_cfg, base_params = load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype)
-    base_cfg = base_cfg.replace(dtype=cfg.model.dtype)
-    comparison = report_lib.compare(cfg, built.tasks, built.corpus.heldout_path, tokenizer, (base_cfg, base_params),
+    comparison = report_lib.compare(cfg, built.tasks, built.corpus.heldout_path, tokenizer, (tuned.cfg, before),
                                     (tuned.cfg, merge_params(tuned.frozen, trainable)), run_dir)
     done = time.perf_counter()
     context = {
-        "base": f"{cfg.model.path} ({base_cfg.num_params() / 1e6:.2f}M parameters)",
-        "method": f"{cfg.method.name}, {_trainable(tuned)} trainable parameters, {step} steps",
+        "base": f"{cfg.model.path} ({tuned.cfg.num_params() / 1e6:.2f}M parameters)",
+        "method": f"{cfg.method.name}, {count(tuned.trainable) / 1e6:.3f}M trainable parameters, {step} steps",
         "corpus": f"Python {built.corpus.python_version} standard library docstrings and comments, fingerprint "
                   f"{built.corpus.fingerprint}",
         "time": f"base {built_at - start:.0f} s (0 when cached), fine-tuning {trained_at - built_at:.0f} s, "
@@ -77,8 +76,3 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
     return {**result, "tasks/exact_match": mean, "forgetting": comparison.corpus_loss_tuned
             - comparison.corpus_loss_base}
 
-
-def _trainable(model) -> str:
-    from sftjax.peft.lora import count
-
-    return f"{count(model.trainable) / 1e6:.3f}M"

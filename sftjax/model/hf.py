@@ -18,6 +18,7 @@ the tensor. Nothing is downloaded and nothing is unpickled (pytorch_model.bin is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -41,7 +42,7 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bi
 _BUFFERS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
-_NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
               "float16": np.dtype(np.float16)}
 
 
@@ -119,7 +120,7 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, tuple[np.ndarray, Path]]
     expected = set()
     stacks: dict[tuple[str, ...], list[np.ndarray | None]] = {}
     flat: dict[tuple[str, ...], np.ndarray] = {}
-    dtype = _NP_DTYPES[cfg.param_dtype]
+    dtype = NP_DTYPES[cfg.param_dtype]
     for path, name, transpose, layer in _entries(cfg):
         expected.add(name)
         if name not in tensors:
@@ -186,7 +187,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32", *, seed: int = 0) 
 
 def params_to_hf(cfg: ModelConfig, params: Params, dtype: str | None = None) -> dict[str, np.ndarray]:
     """{HF name: numpy array in torch layout}, in `dtype` (default: cfg.param_dtype)."""
-    np_dtype = _NP_DTYPES[_check_dtype(dtype or cfg.param_dtype)]
+    np_dtype = NP_DTYPES[_check_dtype(dtype or cfg.param_dtype)]
     host = jax.device_get(params)
     out = {}
     for path, name, transpose, layer in _entries(cfg):
@@ -239,9 +240,7 @@ def save_pretrained(path: str | Path, cfg: ModelConfig, params: Params, *, dtype
     tensors = params_to_hf(cfg, params, save_dtype)
     hf_config = to_hf_dict(cfg.replace(param_dtype=save_dtype))
     shards = _shards(tensors, _parse_size(max_shard_size))
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.tmp-") as tmp:
-        staging = Path(tmp)
+    with staged(directory, extra_files, stale="model*.safetensors*") as staging:
         metadata = {"format": "pt"}  # transformers refuses safetensors files without it
         if len(shards) == 1:
             safetensors_io.save_file(tensors, staging / _SINGLE, metadata)
@@ -257,15 +256,26 @@ def save_pretrained(path: str | Path, cfg: ModelConfig, params: Params, *, dtype
         generation = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
                       "eos_token_id": hf_config["eos_token_id"]}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def staged(directory: Path, extra_files: tuple[Path, ...] = (), stale: str | None = None) -> Iterator[Path]:
+    """Yield an empty staging directory beside `directory`; when the block succeeds, copy `extra_files` in and
+    move every staged file into `directory` (created if needed), first deleting the files matching the glob
+    `stale` that the new set does not replace (a shorter list of shards, a pickled file of an older tool).
+    A failure inside the block leaves `directory` untouched."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.tmp-") as tmp:
+        staging = Path(tmp)
+        yield staging
         for file in extra_files:
             shutil.copyfile(file, staging / Path(file).name)
         directory.mkdir(exist_ok=True)
-        for stale in directory.glob("model*.safetensors*"):  # only reached with overwrite=True
-            if not (staging / stale.name).exists():
-                stale.unlink()
+        for old in directory.glob(stale) if stale else ():
+            if not (staging / old.name).exists():
+                old.unlink()
         for file in staging.iterdir():
             os.replace(file, directory / file.name)
-
 
 __all__ = ["load_pretrained", "save_pretrained", "read_tensors", "params_from_hf", "params_to_hf",
            "hf_tensor_names"]

@@ -116,17 +116,18 @@ def select_targets(cfg: ModelConfig, target_modules: tuple[str, ...] | list[str]
     return selected
 
 
-def _get(tree: Params, path: Module) -> Any:
+def subtree(tree: Params, path: Module) -> Any:
+    """tree[path[0]][path[1]]...: the node at a module path."""
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set(tree: Params, path: Module, value: Any) -> Params:
+def with_subtree(tree: Params, path: Module, value: Any) -> Params:
     """A copy of the dict tree with tree[path] = value (the containers on the path are copied)."""
     if len(path) == 1:
         return {**tree, path[0]: value}
-    return {**tree, path[0]: _set(tree.get(path[0], {}), path[1:], value)}
+    return {**tree, path[0]: with_subtree(tree.get(path[0], {}), path[1:], value)}
 
 
 def _pop(tree: Params, path: Module) -> Params:
@@ -162,7 +163,7 @@ def check_spec(cfg: ModelConfig, spec: LoraSpec) -> list[Module]:
     targets = select_targets(cfg, spec.target_modules)
     shapes = param_shapes(cfg)
     for module in targets:
-        _, d_in, d_out = _get(shapes, module)["kernel"].shape
+        _, d_in, d_out = subtree(shapes, module)["kernel"].shape
         if spec.rank > min(d_in, d_out):
             raise ConfigError(f"method.lora.rank={spec.rank}: larger than {'/'.join(module)} allows "
                               f"(kernel {d_in} x {d_out}: rank <= {min(d_in, d_out)})")
@@ -174,14 +175,15 @@ def init_adapters(cfg: ModelConfig, spec: LoraSpec, rng: jax.Array) -> Params:
     adapters: Params = {}
     shapes = param_shapes(cfg)
     for index, module in enumerate(check_spec(cfg, spec)):
-        L, d_in, d_out = _get(shapes, module)["kernel"].shape
+        L, d_in, d_out = subtree(shapes, module)["kernel"].shape
         key = jax.random.fold_in(rng, index)
         if spec.init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on a [R, in] weight: bound 1 / sqrt(in)
             bound = 1.0 / math.sqrt(d_in)
             a = jax.random.uniform(key, (L, d_in, spec.rank), jnp.float32, -bound, bound)
         else:
             a = jax.random.normal(key, (L, d_in, spec.rank), jnp.float32) / spec.rank
-        adapters = _set(adapters, module, {"lora_a": a, "lora_b": jnp.zeros((L, spec.rank, d_out), jnp.float32)})
+        b = jnp.zeros((L, spec.rank, d_out), jnp.float32)
+        adapters = with_subtree(adapters, module, {"lora_a": a, "lora_b": b})
     return adapters
 
 
@@ -225,7 +227,7 @@ def merge(params: Params, scale: float, requantize: bool = False) -> tuple[Param
     """
     errors: dict[str, float] = {}
     for module in adapter_modules(params):
-        node = dict(_get(params, module))
+        node = dict(subtree(params, module))
         a, b = node.pop("lora_a"), node.pop("lora_b")
         delta = scale * jnp.einsum("LiR,LRo->Lio", a.astype(jnp.float32), b.astype(jnp.float32))
         if "qkernel" in node:
@@ -242,5 +244,5 @@ def merge(params: Params, scale: float, requantize: bool = False) -> tuple[Param
         else:
             kernel = node["kernel"]
             node["kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-        params = _set(params, module, node)
+        params = with_subtree(params, module, node)
     return params, errors

@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +108,8 @@ def _check_trainable(cfg: ModelConfig, spec: LoraSpec, trainable: Params) -> tup
                           f"target_modules={spec.target_modules!r} selects {['/'.join(m) for m in targets]}")
     shapes = param_shapes(cfg)
     for module in targets:
-        L, d_in, d_out = lora._get(shapes, module)["kernel"].shape
-        node = lora._get(trainable, module)
+        L, d_in, d_out = lora.subtree(shapes, module)["kernel"].shape
+        node = lora.subtree(trainable, module)
         for key, want in (("lora_a", (L, d_in, spec.rank)), ("lora_b", (L, spec.rank, d_out))):
             if tuple(node[key].shape) != want:
                 raise ConfigError(f"save_adapter: {'/'.join(module)}/{key} has shape {list(node[key].shape)}, "
@@ -146,18 +143,18 @@ def adapter_tensors(cfg: ModelConfig, trainable: Params, targets: list[Module], 
                     dtype: str) -> dict[str, np.ndarray]:
     """{PEFT name: array in torch layout}: lora_A [R, in] and lora_B [out, R] per layer; full modules as HF
     stores them."""
-    np_dtype = hf._NP_DTYPES[dtype]
+    np_dtype = hf.NP_DTYPES[dtype]
     host = jax.device_get(trainable)
     out = {}
     for module in targets:
-        node = lora._get(host, module)
+        node = lora.subtree(host, module)
         for layer in range(cfg.num_layers):
             out[lora_name(module, layer, "A")] = np.asarray(node["lora_a"][layer]).T  # [in, R] -> [R, in]
             out[lora_name(module, layer, "B")] = np.asarray(node["lora_b"][layer]).T  # [R, out] -> [out, R]
     modules = full_modules(cfg)
     for name in full:
         path, hf_name, transpose = modules[name]
-        value = np.asarray(lora._get(host, path))
+        value = np.asarray(lora.subtree(host, path))
         out[PREFIX + hf_name] = value.T if transpose else value
     if cfg.tie_word_embeddings and "embed_tokens" in full:  # PEFT stores the tied output layer too
         out[PREFIX + "lm_head.weight"] = out[PREFIX + modules["embed_tokens"][1]]
@@ -186,19 +183,9 @@ def save_adapter(directory: str | Path, cfg: ModelConfig, spec: LoraSpec, traina
     targets, full = _check_trainable(cfg, spec, trainable)
     config = adapter_config(cfg, spec, targets, full, base_model_name_or_path)
     tensors = adapter_tensors(cfg, trainable, targets, full, dtype)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.tmp-") as tmp:
-        staging = Path(tmp)
+    with hf.staged(directory, extra_files, stale=PICKLE_FILE) as staging:  # a stale adapter of another run
         safetensors_io.save_file(tensors, staging / WEIGHTS_FILE, {"format": "pt"})  # PEFT/transformers want it
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for file in extra_files:
-            shutil.copyfile(file, staging / Path(file).name)
-        directory.mkdir(exist_ok=True)
-        if (directory / PICKLE_FILE).exists():  # only reached with overwrite=True: a stale adapter of another run
-            (directory / PICKLE_FILE).unlink()
-        for file in staging.iterdir():
-            os.replace(file, directory / file.name)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
@@ -275,7 +262,7 @@ def _sort_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], file: Path, 
     adapters: dict[Module, dict[tuple[int, str], np.ndarray]] = {}
     full: dict[str, np.ndarray] = {}
     for name, array in tensors.items():
-        if not np.issubdtype(array.dtype, np.floating) and array.dtype != hf._NP_DTYPES["bfloat16"]:
+        if not np.issubdtype(array.dtype, np.floating) and array.dtype != hf.NP_DTYPES["bfloat16"]:
             raise CheckpointError(f"{file}: tensor {name!r} has dtype {array.dtype}, expected a float dtype")
         inner = name.removeprefix(PREFIX)
         if name == inner:
@@ -291,7 +278,7 @@ def _sort_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], file: Path, 
                 raise CheckpointError(f"{file}: tensor {name!r}: layer {layer}, but the model has {cfg.num_layers} "
                                       "layers (an adapter for another model?)")
             module = by_name[module_name]
-            _, d_in, d_out = lora._get(shapes, module)["kernel"].shape
+            _, d_in, d_out = lora.subtree(shapes, module)["kernel"].shape
             want = (rank, d_in) if half == "A" else (d_out, rank)
             if array.shape != want:
                 raise CheckpointError(f"{file}: tensor {name!r} has shape {list(array.shape)}, expected {list(want)} "
@@ -338,7 +325,7 @@ def _check_full(cfg: ModelConfig, full: dict[str, np.ndarray], config: dict, fil
     modules = full_modules(cfg)
     for name, (path, hf_name, transpose) in modules.items():
         if name in full:
-            want = lora._get(shapes, path).shape
+            want = lora.subtree(shapes, path).shape
             want = want[::-1] if transpose else want
             if full[name].shape != want:
                 hint = " (vocabulary resized? resize the base model first)" if name != "norm" else ""
@@ -407,11 +394,12 @@ def load_adapter(directory: str | Path, cfg: ModelConfig) -> tuple[LoraSpec, Par
         halves = by_module[module]
         a = np.stack([halves[(i, "A")].T for i in range(cfg.num_layers)])  # [L, in, R]
         b = np.stack([halves[(i, "B")].T for i in range(cfg.num_layers)])  # [L, R, out]
-        adapters = lora._set(adapters, module, {"lora_a": jnp.asarray(a, jnp.float32),
+        adapters = lora.with_subtree(adapters, module, {"lora_a": jnp.asarray(a, jnp.float32),
                                                 "lora_b": jnp.asarray(b, jnp.float32)})
     for name in spec.trainable_modules:
         path, _, transpose = modules[name]
-        adapters = lora._set(adapters, path, jnp.asarray(full[name].T if transpose else full[name], jnp.float32))
+        value = full[name].T if transpose else full[name]
+        adapters = lora.with_subtree(adapters, path, jnp.asarray(value, jnp.float32))
     return spec, adapters
 
 

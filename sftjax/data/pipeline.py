@@ -7,7 +7,10 @@ needed for packing anyway) and counts what was dropped or truncated. `DataIterat
     tokens, targets, loss_mask (float32), segment_ids (0 = padding), positions, task_ids (-1 = padding)
 
 ready for `jax.pmap` (see `packing.py` for the row layout). The stream is the mixture order of `mixture.py` cut
-into windows of `pack_window` examples, each window packed on its own (deterministically), rows emitted in order.
+into windows of `pack_window` examples, each window packed on its own (deterministically). Best-fit decreasing
+fills rows longest first, so its rows come out sorted by example length, which in a task mixture means by task;
+they are shuffled (seeded by seed, epoch and window) so that a batch of consecutive rows mixes lengths and tasks
+instead of holding one task at a time. Greedy rows keep the stream order (pre-training text).
 The iterator state is {"epoch", "position" (window start in the epoch's order), "row" (rows of that window already
 emitted), "seed", "fingerprint"}: small, JSON-serializable, and enough to rebuild the exact stream, since rows do
 not depend on the batch size or the number of devices.
@@ -34,7 +37,8 @@ from sftjax.data.mixture import epoch_order
 from sftjax.data.packing import ROW_KEYS, build_rows, empty_rows, fit_length, pack_bins
 from sftjax.data.tokenizer import Tokenizer
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: rows of a best-fit-decreasing window are shuffled
+_ROW_TAG = 3  # seeds of the row shuffle of a packed window (mixture.py uses tags 1 and 2)
 
 
 @dataclasses.dataclass
@@ -190,6 +194,9 @@ class DataIterator:
             picks = self._order(epoch)[position:position + self.cfg.pack_window]
             examples = [self.prepared.datasets[t][i] for t, i in picks]
             bins = pack_bins([len(e.tokens) for e in examples], self.cfg.seq_len, self.cfg.packing)
+            if self.cfg.packing == "bfd":
+                bins = [bins[i] for i in np.random.default_rng([self.cfg.seed, _ROW_TAG, epoch, position])
+                        .permutation(len(bins))]
             rows = build_rows(examples, picks[:, 0], bins, self.cfg.seq_len, self.prepared.pad_id)
             self._rows_cache = (key, rows)
         return self._rows_cache[1]

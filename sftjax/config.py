@@ -124,11 +124,11 @@ class TrainerSection:
 class BuiltinSection:
     cache_dir: str = "${oc.env:SFTJAX_CACHE,'~/.cache/sftjax'}"  # built corpus, tokenizer and pre-trained base
     vocab_size: int = 4096  # BPE vocabulary trained on the corpus (4k: every spaced digit is one token)
-    pretrain_steps: int = 300  # optimizer steps of the base's pre-training
-    pretrain_batch: int = 16  # rows of pretrain_seq_len tokens per step
-    pretrain_seq_len: int = 256  # tokens per pre-training row
-    pretrain_lr: float = 3e-3  # peak learning rate of pre-training (warmup + cosine)
-    train_examples: int = 2000  # labeled training examples per task (at most)
+    pretrain_steps: int = 600  # optimizer steps of the base's pre-training
+    pretrain_batch: int = 32  # rows of pretrain_seq_len tokens per step
+    pretrain_seq_len: int = 128  # tokens per pre-training row (the task examples are shorter)
+    pretrain_lr: float = 5e-3  # peak learning rate of pre-training (warmup + cosine)
+    train_examples: int = 8000  # labeled training examples per task, at most (module has 1248, first_param 5703)
     eval_examples: int = 100  # held-out examples per task scored by generation (at most)
     few_shot: int = 3  # solved examples in front of each prompt for the few-shot baseline
     max_new_tokens: int = 8  # generation length when scoring answers

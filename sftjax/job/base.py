@@ -72,7 +72,7 @@ def _pretrain_config(settings: BuiltinSection, root: Path, model_dir: Path, corp
                                    eval=[DatasetSection(path=str(corpus.heldout_path), format="text",
                                                         name="corpus")],
                                    eval_fraction=0.0, seq_len=settings.pretrain_seq_len, mask="all",
-                                   packing="greedy", chat_template=None)
+                                   packing="bfd", chat_template=None)
     cfg.optim = dataclasses.replace(template.optim, name="adamw", lr=settings.pretrain_lr, weight_decay=0.1,
                                     b2=0.99, schedule="cosine", warmup_steps=min(50, settings.pretrain_steps // 10),
                                     min_lr_ratio=0.1, max_grad_norm=1.0)
@@ -92,8 +92,11 @@ def ensure_builtin(template: TrainConfig) -> Builtin:
     settings = template.builtin
     cache = Path(settings.cache_dir).expanduser()
     version = f"py{sys.version_info.major}.{sys.version_info.minor}"
-    # Records of about one pre-training row (3.3 characters per token of a corpus-trained BPE): little truncation.
-    corpus = corpus_lib.build_corpus(cache / f"corpus-{version}", record_chars=int(3.3 * settings.pretrain_seq_len))
+    # Records of at most ~3/4 of a pre-training row (3.3 characters per token of a corpus-trained BPE): little
+    # truncation, and best-fit decreasing packs shorter records into the space left: 81% of the token slots are
+    # trained tokens (measured at 128-token rows), against 73% with records of a whole row packed greedily.
+    corpus = corpus_lib.build_corpus(cache / f"corpus-{version}",
+                                     record_chars=int(0.75 * 3.3 * settings.pretrain_seq_len))
     arch = base_config(settings.vocab_size)
     key_parts = [corpus.fingerprint, json.dumps(dataclasses.asdict(arch), sort_keys=True, default=str),
                  settings.vocab_size, settings.pretrain_steps, settings.pretrain_batch, settings.pretrain_seq_len,

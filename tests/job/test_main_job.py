@@ -29,11 +29,13 @@ def test_main_job_builds_trains_and_reports(tmp_path, monkeypatch):
         assert (run / name).stat().st_size > 5000, name
     assert (run / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((run / "config.json").read_text())
-    assert config["method"]["name"] == "lora" and config["model"]["path"].endswith("/base")
+    assert config["method"]["name"] == "full" and config["model"]["path"].endswith("/base")
     assert len(config["data"]["train"]) == len(report["tasks"])
 
-    again = run_train(*SMALL, f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
+    again = run_train(*SMALL, "method=lora", f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
     assert "built-in base: reusing" in again.stdout + again.stderr
+    assert json.loads((tmp_path / "run2" / "config.json").read_text())["method"]["name"] == "lora"
+    assert "| fine-tuned |" in again.stdout
     assert "pre-training the built-in base" not in again.stdout + again.stderr
     assert os.listdir(tmp_path / "cache")  # everything built lives under SFTJAX_CACHE
 

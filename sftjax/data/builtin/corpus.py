@@ -45,7 +45,7 @@ import os
 import platform
 import re
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # Directories never entered: installed third-party packages, bytecode caches, the test suites (with their data,
@@ -262,6 +262,23 @@ def is_heldout(module: str, heldout_fraction: float) -> bool:
     return stable_fraction(module, _HELDOUT_SALT) < heldout_fraction
 
 
+def join_parts(parts: Iterable[str], sep: str, limit: int) -> list[str]:
+    """Consecutive parts joined by sep into chunks of at most `limit` characters; a part longer than the limit is
+    a chunk of its own (callers cut it further)."""
+    out, current = [], ""
+    for part in parts:
+        joined = f"{current}{sep}{part}" if current else part
+        if len(joined) <= limit:
+            current = joined
+        else:
+            if current:
+                out.append(current)
+            current = part
+    if current:
+        out.append(current)
+    return out
+
+
 def _pieces(text: str, limit: int) -> list[str]:
     """Split text into pieces of at most `limit` characters at paragraph, then line, then word boundaries."""
     if len(text) <= limit:
@@ -269,34 +286,13 @@ def _pieces(text: str, limit: int) -> list[str]:
     for sep in ("\n\n", "\n", " "):
         parts = text.split(sep)
         if len(parts) > 1:
-            out, current = [], ""
-            for part in parts:
-                joined = f"{current}{sep}{part}" if current else part
-                if len(joined) <= limit:
-                    current = joined
-                else:
-                    if current:
-                        out.append(current)
-                    current = part
-            out.append(current)
-            return [p for piece in out for p in _pieces(piece, limit) if p.strip()]
+            return [p for piece in join_parts(parts, sep, limit) for p in _pieces(piece, limit) if p.strip()]
     return [text[i:i + limit] for i in range(0, len(text), limit)]
 
 
 def module_records(docs: list[Doc], record_chars: int = RECORD_CHARS) -> list[str]:
     """Consecutive docs of one module joined by blank lines into records of at most record_chars characters."""
-    out, current = [], ""
-    for doc in docs:
-        for piece in _pieces(doc.text, record_chars):
-            joined = f"{current}\n\n{piece}" if current else piece
-            if len(joined) <= record_chars:
-                current = joined
-            else:
-                out.append(current)
-                current = piece
-    if current:
-        out.append(current)
-    return out
+    return join_parts((piece for doc in docs for piece in _pieces(doc.text, record_chars)), "\n\n", record_chars)
 
 
 def _jsonl(records: list[str]) -> bytes:

@@ -52,7 +52,8 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
-from sftjax.data.builtin.corpus import Def, Doc, default_stdlib_dir, extract, extract_defs, stable_fraction
+from sftjax.data.builtin.corpus import (Def, Doc, default_stdlib_dir, extract, extract_defs, join_parts,
+                                        stable_fraction)
 
 # Packages of the `module` task: large (150-200 docstrings and 80-200 comment blocks of >= 80 chars each on 3.11),
 # with distinctive vocabulary (naive Bayes on words gets ~95% of the eval split right), and in every CPython build
@@ -95,18 +96,7 @@ def _is_eval(task: str, key: str) -> bool:
 
 def _windows(text: str, width: int = _WINDOW_CHARS) -> list[str]:
     """Whitespace-collapsed text cut into consecutive windows of at most `width` chars at word boundaries."""
-    out, current = [], ""
-    for word in text.split():
-        joined = f"{current} {word}" if current else word
-        if len(joined) <= width:
-            current = joined
-        else:
-            if current:
-                out.append(current)
-            current = word[:width]
-    if current:
-        out.append(current)
-    return out
+    return join_parts((word[:width] for word in text.split()), " ", width)
 
 
 # ---------------------------------------------------------------------------------------------------- module

@@ -63,6 +63,7 @@ class DatasetSection:
     format: str = "auto"  # auto | chat | prompt_completion | alpaca | text
     name: Optional[str] = None  # task name in metrics (default: the file stem)
     as_chat: bool = False  # render prompt/completion and Alpaca records through the chat template
+    prompt_noise: float = 0.0  # augmentation: share of prompt tokens replaced at random in every batch drawn
 
 
 @dataclasses.dataclass
@@ -121,10 +122,19 @@ class TrainerSection:
 
 
 @dataclasses.dataclass
+class PerTask:
+    """One value per built-in task (sftjax.data.builtin.tasks), e.g. builtin.upsample.add=2."""
+
+    module: float = 0.0
+    first_param: float = 0.0
+    add: float = 0.0
+
+
+@dataclasses.dataclass
 class BuiltinSection:
     cache_dir: str = "${oc.env:SFTJAX_CACHE,'~/.cache/sftjax'}"  # built corpus, tokenizer and pre-trained base
     vocab_size: int = 4096  # BPE vocabulary trained on the corpus (4k: every spaced digit is one token)
-    pretrain_steps: int = 600  # optimizer steps of the base's pre-training
+    pretrain_steps: int = 500  # optimizer steps of the base's pre-training
     pretrain_batch: int = 32  # rows of pretrain_seq_len tokens per step
     pretrain_seq_len: int = 128  # tokens per pre-training row (the task examples are shorter)
     pretrain_lr: float = 5e-3  # peak learning rate of pre-training (warmup + cosine)
@@ -132,6 +142,9 @@ class BuiltinSection:
     eval_examples: int = 100  # held-out examples per task scored by generation (at most)
     few_shot: int = 3  # solved examples in front of each prompt for the few-shot baseline
     max_new_tokens: int = 8  # generation length when scoring answers
+    tasks: list[str] = field(default_factory=lambda: ["module", "first_param", "add"])  # trained and evaluated
+    upsample: PerTask = field(default_factory=lambda: PerTask(1.0, 1.0, 1.0))  # draws per example, relative
+    prompt_noise: PerTask = field(default_factory=lambda: PerTask(0.0, 0.0, 0.0))  # data.train[].prompt_noise
 
 
 @dataclasses.dataclass
@@ -149,7 +162,7 @@ def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-def _check(ok: bool, key: str, value: Any, why: str) -> None:
+def check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
 
@@ -157,50 +170,52 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
 def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> None:
     """Reject impossible values with one line naming the key. device_count: local devices of this process."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
-    _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
-    _check(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"must be one of {', '.join(DTYPES)}")
-    _check(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "must be none, full or dots")
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
-    _check(cfg.method.name in METHODS, "method.name", cfg.method.name, f"must be one of {', '.join(METHODS)}")
+    check(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
+    check(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"must be one of {', '.join(DTYPES)}")
+    check(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "must be none, full or dots")
+    check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    check(cfg.method.name in METHODS, "method.name", cfg.method.name, f"must be one of {', '.join(METHODS)}")
     lo, q = cfg.method.lora, cfg.method.quant
-    _check(isinstance(lo.rank, int) and lo.rank >= 1, "method.lora.rank", lo.rank, "must be a positive integer")
-    _check(lo.alpha > 0, "method.lora.alpha", lo.alpha, "must be > 0")
-    _check(0.0 <= lo.dropout < 1.0, "method.lora.dropout", lo.dropout, "must be in [0, 1)")
-    _check(lo.init in ("kaiming", "gaussian"), "method.lora.init", lo.init, "must be kaiming or gaussian")
-    _check(isinstance(lo.target_modules, (str, list, tuple)), "method.lora.target_modules", lo.target_modules,
-           "must be all-linear, a list of module names or one regex")
-    _check(q.kind in ("nf4", "int4"), "method.quant.kind", q.kind, "must be nf4 or int4")
-    _check(bool(d.train), "data.train", [], "no training dataset (e.g. data=path/to/train.jsonl; without one, "
-           "sftjax-train runs the built-in tasks)")
-    _check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
-    _check(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
-    _check(o.name in ("adamw", "adafactor", "sgd"), "optim.name", o.name, "must be adamw, adafactor or sgd")
-    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _check(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", o.schedule,
-           "must be cosine, linear or constant")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    _check(o.warmup_steps < t.max_steps or o.warmup_steps == 0, "optim.warmup_steps", o.warmup_steps,
-           f"must be < trainer.max_steps={t.max_steps}")
-    _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
-    _check(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "must be >= 0 (0: no clipping)")
-    _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
-    _check(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be >= 1")
+    check(isinstance(lo.rank, int) and lo.rank >= 1, "method.lora.rank", lo.rank, "must be a positive integer")
+    check(lo.alpha > 0, "method.lora.alpha", lo.alpha, "must be > 0")
+    check(0.0 <= lo.dropout < 1.0, "method.lora.dropout", lo.dropout, "must be in [0, 1)")
+    check(lo.init in ("kaiming", "gaussian"), "method.lora.init", lo.init, "must be kaiming or gaussian")
+    check(isinstance(lo.target_modules, (str, list, tuple)), "method.lora.target_modules", lo.target_modules,
+          "must be all-linear, a list of module names or one regex")
+    check(q.kind in ("nf4", "int4"), "method.quant.kind", q.kind, "must be nf4 or int4")
+    check(bool(d.train), "data.train", [], "no training dataset (e.g. data=path/to/train.jsonl; without one, "
+          "sftjax-train runs the built-in tasks)")
+    for i, ds in enumerate(d.train):
+        check(0.0 <= ds.prompt_noise < 1.0, f"data.train[{i}].prompt_noise", ds.prompt_noise, "must be in [0, 1)")
+    check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+    check(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
+    check(o.name in ("adamw", "adafactor", "sgd"), "optim.name", o.name, "must be adamw, adafactor or sgd")
+    check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    check(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", o.schedule,
+          "must be cosine, linear or constant")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    check(o.warmup_steps < t.max_steps or o.warmup_steps == 0, "optim.warmup_steps", o.warmup_steps,
+          f"must be < trainer.max_steps={t.max_steps}")
+    check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    check(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "must be >= 0 (0: no clipping)")
+    check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
+    check(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be >= 1")
     devices = (t.devices or device_count) * process_count
-    _check(t.batch_size % devices == 0, "trainer.batch_size", t.batch_size,
-           f"must be divisible by the {devices} devices of the pmap step")
-    _check(t.grad_accum >= 1, "trainer.grad_accum", t.grad_accum, "must be >= 1")
-    _check(0 <= t.devices <= device_count, "trainer.devices", t.devices,
-           f"must be between 0 (all) and the {device_count} local devices")
+    check(t.batch_size % devices == 0, "trainer.batch_size", t.batch_size,
+          f"must be divisible by the {devices} devices of the pmap step")
+    check(t.grad_accum >= 1, "trainer.grad_accum", t.grad_accum, "must be >= 1")
+    check(0 <= t.devices <= device_count, "trainer.devices", t.devices,
+          f"must be between 0 (all) and the {device_count} local devices")
     for key in ("log_every", "eval_every", "save_every", "eval_batches", "num_samples", "patience"):
-        _check(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "must be >= 0")
-    _check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1")
-    _check(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "must be >= 1 (the newest checkpoint resumes)")
-    _check(t.keep_best >= 0, "trainer.keep_best", t.keep_best, "must be >= 0")
-    _check(t.best_mode in ("min", "max"), "trainer.best_mode", t.best_mode, "must be min or max")
-    _check(t.resume in ("auto", "never"), "trainer.resume", t.resume, "must be auto or never")
+        check(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "must be >= 0")
+    check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1")
+    check(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "must be >= 1 (the newest checkpoint resumes)")
+    check(t.keep_best >= 0, "trainer.keep_best", t.keep_best, "must be >= 0")
+    check(t.best_mode in ("min", "max"), "trainer.best_mode", t.best_mode, "must be min or max")
+    check(t.resume in ("auto", "never"), "trainer.resume", t.resume, "must be auto or never")
     has_eval = bool(d.eval) or d.eval_fraction > 0
-    _check(has_eval or t.patience == 0 or not t.best_metric.startswith("eval/"), "trainer.patience", t.patience,
-           f"early stopping on {t.best_metric} needs an eval split (data.eval or data.eval_fraction > 0)")
-    _check(t.best_metric.split("/")[0] in ("eval", "train"), "trainer.best_metric", t.best_metric,
-           "must be eval/<metric> or train/<metric>")
+    check(has_eval or t.patience == 0 or not t.best_metric.startswith("eval/"), "trainer.patience", t.patience,
+          f"early stopping on {t.best_metric} needs an eval split (data.eval or data.eval_fraction > 0)")
+    check(t.best_metric.split("/")[0] in ("eval", "train"), "trainer.best_metric", t.best_metric,
+          "must be eval/<metric> or train/<metric>")

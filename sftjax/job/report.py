@@ -76,20 +76,31 @@ class Comparison:
 
 
 def compare(cfg: TrainConfig, tasks: dict[str, TaskFiles], corpus_heldout: Path, tokenizer: Tokenizer,
-            base: tuple[ModelConfig, Params], tuned: tuple[ModelConfig, Params], work: Path) -> Comparison:
+            base: tuple[ModelConfig, Params], tuned: tuple[ModelConfig, Params], work: Path,
+            baseline_cache: Path | None = None) -> Comparison:
+    """Score the base and the fine-tuned model. baseline_cache: a JSON file holding the base's scores for exactly
+    these settings (read when present, written otherwise), so runs of a sweep score the same base once."""
     b = cfg.builtin
     limit, names = b.eval_examples, list(tasks)
     held = _prepared([(n, tasks[n].eval_path) for n in names], tokenizer, seq_len=512, limit=limit)
-    shots = _prepared([(n, few_shot_file(tasks[n], b.few_shot, limit, work / f"{n}_{b.few_shot}shot.jsonl"))
-                       for n in names], tokenizer, seq_len=1024, limit=limit)
+    corpus = _prepared([("corpus", corpus_heldout)], tokenizer, seq_len=256, fmt="text", mask="all")
 
     def accuracy(model, data):
         acc = evaluate.generation_accuracy(model[0], model[1], tokenizer, data, b.max_new_tokens)
         return {n: acc[f"{n}/exact_match"] for n in names}
 
-    corpus = _prepared([("corpus", corpus_heldout)], tokenizer, seq_len=256, fmt="text", mask="all")
-    return Comparison(names, accuracy(base, held), accuracy(base, shots), accuracy(tuned, held),
-                      corpus_loss(*base, corpus, 16), corpus_loss(*tuned, corpus, 16), b.few_shot,
+    scores = json.loads(baseline_cache.read_text()) if baseline_cache and baseline_cache.is_file() else None
+    if scores is None:
+        shots = _prepared([(n, few_shot_file(tasks[n], b.few_shot, limit, work / f"{n}_{b.few_shot}shot.jsonl"))
+                           for n in names], tokenizer, seq_len=1024, limit=limit)
+        scores = {"zero_shot": accuracy(base, held), "few_shot": accuracy(base, shots),
+                  "corpus_loss": corpus_loss(*base, corpus, 16)}
+        if baseline_cache is not None:
+            tmp = baseline_cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+            tmp.replace(baseline_cache)
+    return Comparison(names, scores["zero_shot"], scores["few_shot"], accuracy(tuned, held),
+                      scores["corpus_loss"], corpus_loss(*tuned, corpus, 16), b.few_shot,
                       {n: len(d) for n, d in zip(names, held.datasets)})
 
 
@@ -155,12 +166,13 @@ def plots(run_dir: Path, pretrain_dir: Path, c: Comparison) -> list[str]:
     return ["loss_curves.png", "accuracy.png"]
 
 
-def write_report(run_dir: Path, c: Comparison, context: dict[str, Any], images: list[str]) -> Path:
+def write_report(run_dir: Path, c: Comparison, context: dict[str, Any], images: list[str],
+                 numbers: dict[str, Any] | None = None) -> Path:
     lines = ["# sftjax main job: base vs fine-tuned", "", table(c), ""]
     lines += [f"- {k}: {v}" for k, v in context.items()]
     lines += [""] + [f"![{name}]({name})" for name in images] + [""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
-    (run_dir / "report.json").write_text(json.dumps({**dataclasses.asdict(c), "context": context}, indent=2,
-                                                    default=str) + "\n")
+    record = {**dataclasses.asdict(c), "context": context, "numbers": numbers or {}}
+    (run_dir / "report.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path

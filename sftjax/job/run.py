@@ -12,14 +12,20 @@ so `sftjax-train model=path/to/hf_dir` fine-tunes your model on the built-in tas
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from sftjax.config import DatasetSection, TrainConfig
+import jax
+import numpy as np
+
+from sftjax.config import BuiltinSection, DatasetSection, TrainConfig, check
+from sftjax.data.builtin.tasks import TASK_NAMES, TaskFiles
 from sftjax.job import report as report_lib
-from sftjax.job.base import ensure_builtin
+from sftjax.job.base import Builtin, ensure_builtin
 from sftjax.peft.lora import count
 from sftjax.train.loop import run_training
 from sftjax.train.setup import build_model, build_tokenizer, restore_checkpoint
@@ -32,18 +38,66 @@ def uses_builtin(cfg: TrainConfig) -> bool:
     return cfg.model.path == "builtin" or not cfg.data.train
 
 
+def check_tasks(b: BuiltinSection) -> None:
+    """One clear line for an unknown or repeated name in builtin.tasks or a bad factor, before anything is built."""
+    known = ", ".join(TASK_NAMES)
+    check(bool(b.tasks) and len(set(b.tasks)) == len(b.tasks), "builtin.tasks", b.tasks,
+          f"must name one or more distinct tasks of: {known}")
+    for name in b.tasks:
+        check(name in TASK_NAMES, "builtin.tasks", name, f"unknown task (the built-in tasks: {known})")
+    for name in TASK_NAMES:
+        check(getattr(b.upsample, name) > 0, f"builtin.upsample.{name}", getattr(b.upsample, name), "must be > 0")
+
+
+def task_datasets(b: BuiltinSection, tasks: dict[str, TaskFiles]) -> list[DatasetSection]:
+    """data.train for the built-in tasks. Mixture weights: proportional to size, times builtin.upsample.<task>
+    (left out when every factor is 1: the same draws)."""
+    factors = {n: getattr(b.upsample, n) for n in tasks}
+    same = len(set(factors.values())) == 1
+    return [DatasetSection(path=str(t.train_path), name=n, weight=None if same else t.n_train * factors[n],
+                           prompt_noise=getattr(b.prompt_noise, n)) for n, t in tasks.items()]
+
+
+def tree_bytes(tree: Any) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def median_tokens_per_s(metrics: Path) -> float:
+    """Median train throughput (non-padding tokens / s) of a run's logged windows, the first (compilation) left
+    out."""
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rates = [d["tokens_per_s"] for d in lines if d.get("split") == "train" and "tokens_per_s" in d]
+    return float(np.median(rates[1:] or rates)) if rates else 0.0
+
+
+def baseline_cache(cfg: TrainConfig, built: Builtin) -> Path:
+    """Where the built-in base's scores for these evaluation settings are kept (the base as this method holds it:
+    quantized under qlora), so that every run of a sweep scores the same base once."""
+    b, q = cfg.builtin, cfg.method.quant
+    parts = [[str(t.train_path) for t in built.tasks.values()], [str(t.eval_path) for t in built.tasks.values()],
+             b.eval_examples, b.few_shot, b.max_new_tokens, cfg.model.dtype,
+             [q.kind, q.double_quant] if cfg.method.name == "qlora" else None]
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+    (built.root / "baselines").mkdir(exist_ok=True)
+    return built.root / "baselines" / f"{key}.json"
+
+
 def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[str, float]:
     """Run training with the built-in base and / or tasks filled in; report when the tasks are the built-in ones."""
     start = time.perf_counter()
+    tasks = not cfg.data.train
+    if tasks:
+        check_tasks(cfg.builtin)
     built = ensure_builtin(cfg)
     built_at = time.perf_counter()
-    tasks = not cfg.data.train
-    if cfg.model.path == "builtin":
+    own_base = cfg.model.path == "builtin"
+    if own_base:
         cfg.model = dataclasses.replace(cfg.model, path=str(built.base_dir))
     if tasks:
-        cfg.data = dataclasses.replace(
-            cfg.data, train=[DatasetSection(path=str(t.train_path), name=n) for n, t in built.tasks.items()],
-            eval=[DatasetSection(path=str(t.eval_path), name=n) for n, t in built.tasks.items()], eval_fraction=0.0)
+        built.tasks = {name: built.tasks[name] for name in cfg.builtin.tasks}  # in that order
+        cfg.data = dataclasses.replace(cfg.data, train=task_datasets(cfg.builtin, built.tasks),
+                                       eval=[DatasetSection(path=str(t.eval_path), name=n)
+                                             for n, t in built.tasks.items()], eval_fraction=0.0)
     if resolved is not None:  # the config.json of the run names what was actually used
         resolved = {**resolved, "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data)}
     result = run_training(cfg, resolved)
@@ -55,10 +109,13 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
     tuned = build_model(cfg)  # the model before fine-tuning (fresh adapters: B = 0), then restored after it
     before = merge_params(tuned.frozen, tuned.trainable)
-    trainable, step = restore_checkpoint(cfg, run_dir / "checkpoints", tuned)
+    # Early stopping ends a run `patience` evaluations after its best one: report the best checkpoint then.
+    best = cfg.trainer.patience > 0 and cfg.trainer.keep_best > 0
+    trainable, step = restore_checkpoint(cfg, run_dir / "checkpoints", tuned, best=best)
     tokenizer = build_tokenizer(cfg, tuned.cfg)
     comparison = report_lib.compare(cfg, built.tasks, built.corpus.heldout_path, tokenizer, (tuned.cfg, before),
-                                    (tuned.cfg, merge_params(tuned.frozen, trainable)), run_dir)
+                                    (tuned.cfg, merge_params(tuned.frozen, trainable)), run_dir,
+                                    baseline_cache(cfg, built) if own_base else None)
     done = time.perf_counter()
     context = {
         "base": f"{cfg.model.path} ({tuned.cfg.num_params() / 1e6:.2f}M parameters)",
@@ -68,8 +125,15 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
         "time": f"base {built_at - start:.0f} s (0 when cached), fine-tuning {trained_at - built_at:.0f} s, "
                 f"evaluation {done - trained_at:.0f} s, total {done - start:.0f} s",
     }
+    numbers = {  # for experiment tables (report.json "numbers")
+        "method": cfg.method.name, "steps": step, "best_checkpoint": best,
+        "trainable_params": count(tuned.trainable), "trainable_bytes": tree_bytes(tuned.trainable),
+        "frozen_bytes": tree_bytes(tuned.frozen),
+        "train_tokens_per_s": median_tokens_per_s(run_dir / "metrics.jsonl"),
+        "seconds": {"base": built_at - start, "fine_tuning": trained_at - built_at, "evaluation": done - trained_at},
+    }
     images = report_lib.plots(run_dir, built.pretrain_dir, comparison)
-    path = report_lib.write_report(run_dir, comparison, context, images)
+    path = report_lib.write_report(run_dir, comparison, context, images, numbers)
     print(report_lib.table(comparison))
     print(f"report: {path}")
     mean = sum(comparison.fine_tuned.values()) / len(comparison.tasks)

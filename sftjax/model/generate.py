@@ -98,11 +98,14 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[li
 
 def generate(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None) -> list[list[int]]:
+             eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
+             prompt_len: int = 0) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids); greedy by default.
 
     Each row stops after its first end-of-sequence token (included in the output, as transformers does);
-    eos_token_ids defaults to cfg.eos_token_ids, and an empty tuple means never stop early.
+    eos_token_ids defaults to cfg.eos_token_ids, and an empty tuple means never stop early. Prompts are
+    left-padded to a multiple of 16 tokens, at least `prompt_len`: one compiled program serves every batch of that
+    size (pass the longest prompt of a dataset when generating for it batch by batch).
     """
     prompts = _check_prompts(prompts, cfg.vocab_size)
     if max_new_tokens < 1:
@@ -113,7 +116,7 @@ def generate(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
     B = len(prompts)
-    P = -(-max(len(p) for p in prompts) // _PROMPT_BUCKET) * _PROMPT_BUCKET
+    P = -(-max(prompt_len, *(len(p) for p in prompts)) // _PROMPT_BUCKET) * _PROMPT_BUCKET
     tokens = np.full((B, P), pad, np.int32)
     segment_ids = np.zeros((B, P), np.int32)
     positions = np.zeros((B, P), np.int32)

@@ -4,15 +4,47 @@ The loss is returned as a *sum* over tokens together with the number of trained 
 over micro-batches and devices and divides once by the global count. So the loss of a step is the mean over all
 its trained tokens whatever the accumulation and device count (averaging per micro-batch would weight short
 micro-batches more: transformers PR #34191).
+
+Completion-only SFT trains a small share of the tokens (the main job: ~16%), and the vocabulary projection is the
+largest matmul of a small model (D x V per token, more than all layers of the built-in base together). So when a
+batch carries `label_index` (the flat positions of its trained tokens, padded with -1 to a fixed size K; see
+`label_index`), the logits are computed at those K positions only: the same sums, a fraction of the lm_head and
+cross-entropy cost. K is rounded up to a fraction of the batch's B*T token slots, so a run compiles its step for
+at most a few sizes.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sftjax.model.config import ModelConfig
-from sftjax.model.transformer import Params, forward
+from sftjax.model.transformer import Params, hidden_states, lm_head
+
+# Sizes K (fractions of the B*T slots of a micro-batch) the labeled-position path is compiled for; a batch with
+# more trained tokens than the largest computes every position's logits.
+LABEL_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
+
+
+def label_index(loss_mask: np.ndarray) -> np.ndarray | None:
+    """Flat positions [..., K] of the trained tokens of each micro-batch loss_mask [..., B, T], padded with -1, or
+    None when some micro-batch trains more than LABEL_FRACTIONS[-1] of its slots (then all logits are computed).
+
+    K is the smallest B*T*fraction that holds every micro-batch's count (the same K for all of them: one shape).
+    """
+    *lead, B, T = loss_mask.shape
+    flat = loss_mask.reshape(-1, B * T) > 0
+    most = int(flat.sum(axis=1).max(initial=0))
+    sizes = [max(int(B * T * f), 1) for f in LABEL_FRACTIONS]
+    K = next((k for k in sizes if k >= most), None)
+    if K is None:
+        return None
+    out = np.full((flat.shape[0], K), -1, np.int32)
+    for i, row in enumerate(flat):
+        where = np.flatnonzero(row)
+        out[i, :len(where)] = where
+    return out.reshape(*lead, K)
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -29,12 +61,20 @@ def sft_sums(cfg: ModelConfig, params: Params, batch: dict[str, jax.Array], drop
     """Sums over one micro-batch (batch arrays [B, T]).
 
     Returns loss_sum and tokens (scalars), correct (scalar), and per task (from task_ids) task_loss_sum,
-    task_tokens, task_correct [num_tasks]. Tokens with loss_mask 0 count nowhere.
+    task_tokens, task_correct [num_tasks]. Tokens with loss_mask 0 count nowhere. With batch["label_index"] [K]
+    the logits are computed at those K flat positions only (entries -1 are padding); the sums are the same.
     """
-    logits = forward(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"], dropout_rng)
-    nll, correct = token_nll(logits, batch["targets"])
-    weight = batch["loss_mask"].astype(jnp.float32)
-    task = jnp.clip(batch["task_ids"], 0, num_tasks - 1)
+    h = hidden_states(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"], dropout_rng)
+    targets, weight, task = batch["targets"], batch["loss_mask"].astype(jnp.float32), batch["task_ids"]
+    if "label_index" in batch:
+        index = batch["label_index"]  # [K]
+        valid = index >= 0
+        index = jnp.where(valid, index, 0)
+        take = lambda x: x.reshape(-1, *x.shape[2:])[index][None]  # [B, T, ...] -> [1, K, ...]  # noqa: E731
+        h, targets, task = take(h), take(targets), take(task)
+        weight = take(weight) * valid[None]
+    nll, correct = token_nll(lm_head(cfg, params, h), targets)
+    task = jnp.clip(task, 0, num_tasks - 1)
     per_task = lambda x: jax.ops.segment_sum(x.reshape(-1), task.reshape(-1), num_tasks)  # noqa: E731
     return {
         "loss_sum": jnp.sum(nll * weight),

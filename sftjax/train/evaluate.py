@@ -75,25 +75,33 @@ def _text(tokenizer: Tokenizer, ids: list[int]) -> str:
 
 
 def generations(model_cfg: ModelConfig, params: Params, tokenizer: Tokenizer, examples: list[Tokenized],
-                max_new_tokens: int) -> list[dict[str, Any]]:
-    """Greedy generations for examples: [{where, prompt, generated, reference, exact}]."""
+                max_new_tokens: int, prompt_len: int = 0) -> list[dict[str, Any]]:
+    """Greedy generations for examples: [{where, prompt, generated, reference, exact}].
+
+    Every batch has _GENERATION_BATCH rows (the last one filled up with repeats) and prompts left-padded to the
+    longest of `examples` (at least prompt_len): one compilation for all of them.
+    """
     eos = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    split = [split_prompt(ex) for ex in examples]
+    prompts = [p or [tokenizer.bos_id or 0] for p, _ in split]
+    longest = max([prompt_len, *(len(p) for p in prompts)])
     out = []
     for start in range(0, len(examples), _GENERATION_BATCH):
-        chunk = examples[start:start + _GENERATION_BATCH]
-        prompts, references = zip(*(split_prompt(ex) for ex in chunk))
-        new = generate(model_cfg, params, [p or [tokenizer.bos_id or 0] for p in prompts], max_new_tokens,
-                       eos_token_ids=eos, pad_token_id=tokenizer.pad_id)
-        for ex, prompt, reference, generated in zip(chunk, prompts, references, new):
-            text, ref = _text(tokenizer, generated), _text(tokenizer, reference)
-            out.append({"where": ex.where, "prompt": tokenizer.decode(prompt), "generated": text, "reference": ref,
-                        "exact": text == ref})
+        chunk = list(range(start, min(start + _GENERATION_BATCH, len(examples))))
+        rows = chunk + [chunk[0]] * (_GENERATION_BATCH - len(chunk))
+        new = generate(model_cfg, params, [prompts[i] for i in rows], max_new_tokens, eos_token_ids=eos,
+                       pad_token_id=tokenizer.pad_id, prompt_len=longest)
+        for i, generated in zip(chunk, new):
+            text, ref = _text(tokenizer, generated), _text(tokenizer, split[i][1])
+            out.append({"where": examples[i].where, "prompt": tokenizer.decode(split[i][0]), "generated": text,
+                        "reference": ref, "exact": text == ref})
     return out
 
 
 def generation_accuracy(model_cfg: ModelConfig, params: Params, tokenizer: Tokenizer, data: Prepared,
                         max_new_tokens: int, max_examples: int = 0) -> dict[str, float]:
-    """Exact-match accuracy of greedy generations, overall and per task ('<task>/exact_match')."""
+    """Exact-match accuracy of greedy generations, overall and per task ('<task>/exact_match'). One compilation
+    per task (its prompts padded to its longest)."""
     out: dict[str, float] = {}
     hits = total = 0
     for name, examples in zip(task_names(data), data.datasets):

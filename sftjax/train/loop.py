@@ -21,8 +21,10 @@ import jax
 import numpy as np
 
 from sftjax.config import TrainConfig, validate
+from sftjax.data.augment import prompt_noise
 from sftjax.data.pipeline import DataIterator
 from sftjax.errors import UserError
+from sftjax.objectives.sft import label_index
 from sftjax.train import evaluate
 from sftjax.train.checkpoint import Checkpointer, check_base
 from sftjax.train.metrics import MetricsWriter, Progress
@@ -59,10 +61,16 @@ class EarlyStopping:
         return self.patience > 0 and self.bad_evals >= self.patience
 
 
-def _next_batch(iterator: DataIterator, accum: int) -> tuple[dict[str, np.ndarray], int]:
-    """[devices, accum, b, T] arrays from `accum` consecutive batches, and their non-padding token count."""
+def _next_batch(iterator: DataIterator, accum: int, noise: np.ndarray,
+                rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int]:
+    """[devices, accum, b, T] arrays from `accum` consecutive batches (prompt noise at the per-task rates `noise`;
+    plus label_index [devices, accum, K] when few tokens are trained: sftjax.objectives.sft), and their non-padding
+    token count."""
     parts = [next(iterator) for _ in range(accum)]
-    batch = {k: np.stack([p[k] for p in parts], axis=1) for k in parts[0]}
+    batch = prompt_noise({k: np.stack([p[k] for p in parts], axis=1) for k in parts[0]}, noise, rng)
+    index = label_index(batch["loss_mask"])
+    if index is not None:
+        batch["label_index"] = index
     return batch, int((batch["segment_ids"] > 0).sum())
 
 
@@ -138,13 +146,14 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
                   "config": config_dump, "base_fingerprint": base_fingerprint, "metrics": metrics}
         checkpointer.save(step, unreplicate(state), extras, metrics)
 
+    noise = np.array([d.prompt_noise for d in cfg.data.train], np.float64)  # per task id (data.train order)
     progress = Progress(t.max_steps, start, force=None if t.progress else False)
     last: dict[str, float] = {}
     step, stop_early = start, False
     window_tokens, window_start = 0, time.perf_counter()
     try:
         while step < t.max_steps and not stop_early:
-            batch, tokens = _next_batch(iterator, t.grad_accum)
+            batch, tokens = _next_batch(iterator, t.grad_accum, noise, np.random.default_rng([t.seed, step]))
             state, step_metrics = p_train(state, frozen_r, batch)
             step += 1
             window_tokens += tokens

@@ -4,6 +4,7 @@ The real settings (and their accuracy) are exercised by running the README's fir
 
 import json
 import os
+from pathlib import Path
 
 from tests.train.conftest import run_train
 
@@ -32,12 +33,39 @@ def test_main_job_builds_trains_and_reports(tmp_path, monkeypatch):
     assert config["method"]["name"] == "full" and config["model"]["path"].endswith("/base")
     assert len(config["data"]["train"]) == len(report["tasks"])
 
-    again = run_train(*SMALL, "method=lora", f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
+    # LoRA on two of the tasks (in the order given), `add` drawn 3x as often per example, noise on module prompts.
+    again = run_train(*SMALL, "method=lora", "builtin.tasks=[add,module]", "builtin.upsample.add=3",
+                      "builtin.prompt_noise.module=0.2", f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
     assert "built-in base: reusing" in again.stdout + again.stderr
-    assert json.loads((tmp_path / "run2" / "config.json").read_text())["method"]["name"] == "lora"
+    config = json.loads((tmp_path / "run2" / "config.json").read_text())
+    assert config["method"]["name"] == "lora"
+    train = config["data"]["train"]
+    assert [d["name"] for d in train] == ["add", "module"]
+    n_add, n_module = (len(Path(d["path"]).read_text().splitlines()) for d in train)
+    assert (train[0]["weight"], train[1]["weight"]) == (3 * n_add, n_module)
+    assert [d["prompt_noise"] for d in train] == [0.0, 0.2]
+    assert json.loads((tmp_path / "run2" / "report.json").read_text())["tasks"] == ["add", "module"]
     assert "| fine-tuned |" in again.stdout
     assert "pre-training the built-in base" not in again.stdout + again.stderr
     assert os.listdir(tmp_path / "cache")  # everything built lives under SFTJAX_CACHE
+    # The base's scores are kept per evaluation setting (full on 3 tasks; lora on 2): a sweep scores it once.
+    cached = sorted((tmp_path / "cache").glob("builtin-*/baselines/*.json"))
+    assert len(cached) == 2 and {"zero_shot", "few_shot", "corpus_loss"} <= set(json.loads(cached[0].read_text()))
+    numbers = json.loads((tmp_path / "run2" / "report.json").read_text())["numbers"]
+    assert numbers["method"] == "lora" and 0 < numbers["trainable_params"] < 300_000  # of 1.3M
+    assert numbers["frozen_bytes"] > 4 * numbers["trainable_params"] and numbers["train_tokens_per_s"] > 0
+
+
+def test_a_bad_task_option_fails_in_one_line_before_building(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTJAX_CACHE", str(tmp_path / "cache"))
+    for bad, key in (("builtin.tasks=[add,nope]", "builtin.tasks='nope'"),
+                     ("builtin.upsample.add=0", "builtin.upsample.add=0.0"),
+                     ("builtin.tasks=[add,add]", "builtin.tasks=")):
+        done = run_train(bad, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+        assert done.returncode == 2, done.stderr[-2000:]
+        lines = done.stderr.strip().splitlines()
+        assert key in lines[-1] and len(lines[-1].split("\n")) == 1, lines[-1]
+        assert not (tmp_path / "cache").exists()  # nothing was built
 
 
 def test_the_main_job_is_what_runs_without_a_dataset():

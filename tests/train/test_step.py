@@ -10,7 +10,7 @@ import pytest
 
 import sftjax
 from sftjax.config import OptimSection
-from sftjax.objectives.sft import token_nll
+from sftjax.objectives.sft import label_index, token_nll
 from sftjax.train.optim import make_optimizer, schedule
 from sftjax.train.state import device_mesh, init_state, replicate, unreplicate
 from sftjax.train.step import compile_steps
@@ -114,3 +114,50 @@ def test_schedules():
     assert float(schedule(OptimSection(lr=0.3, schedule="constant"), 100)(99)) == pytest.approx(0.3)
     opt = make_optimizer(OptimSection(name="adafactor"), 10)
     assert isinstance(opt, optax.GradientTransformation)
+
+
+def test_label_index_buckets_and_pads():
+    mask = np.zeros((2, 3, 4, 8), np.float32)  # [devices, accum, B, T]: 32 slots per micro-batch
+    mask[0, 0, 1, 2:5] = 1.0  # 3 trained tokens
+    mask[1, 2, 3, 7] = 1.0
+    index = label_index(mask)
+    assert index.shape == (2, 3, 4)  # K = 32 / 8 holds the largest count (3)
+    np.testing.assert_array_equal(index[0, 0], [10, 11, 12, -1])
+    np.testing.assert_array_equal(index[1, 2], [31, -1, -1, -1])
+    np.testing.assert_array_equal(index[0, 1], [-1, -1, -1, -1])
+    mask[0, 0, 2, :] = 1.0  # 11 trained tokens: K = 32 / 2
+    assert label_index(mask).shape == (2, 3, 16)
+    mask[0, 0] = 1.0  # all 32 slots: every position's logits
+    assert label_index(mask) is None
+
+
+def test_labeled_positions_only_give_the_same_step():
+    """A batch with label_index (logits at the trained positions only) trains exactly like the full computation:
+    loss, gradient norm, per-token accuracy and the SGD-updated weights (rtol 1e-5), per device layout. (SGD: AdamW
+    would scale float-rounding differences of near-zero gradients up to the learning rate.)"""
+    opt_cfg = OptimSection(name="sgd", lr=0.5, momentum=0.0, max_grad_norm=0.0)
+    optimizer = make_optimizer(opt_cfg, 10)
+    params = sftjax.init_params(CFG, jax.random.key(0))
+    rows = _rows()
+    rng = np.random.RandomState(1)
+    rows["loss_mask"] = (rng.rand(ROWS, T) < 0.15).astype(np.float32)  # ~15% trained: K = 1/4 of the slots
+    rows["task_ids"] = rng.randint(0, 2, (ROWS, T)).astype(np.int32)
+    for devices, accum in [(1, 1), (2, 2)]:
+        p_train, _ = compile_steps(CFG, optimizer, schedule(opt_cfg, 10), 2, devices)
+        mesh = device_mesh(devices)
+        batch = {k: v.reshape(devices, accum, ROWS // (devices * accum), T) for k, v in rows.items()}
+        index = label_index(batch["loss_mask"])
+        assert index is not None and index.shape[-1] < ROWS * T // (devices * accum)
+        dropped = index.copy()
+        dropped[..., 0] = -1  # the index is what is used: dropping an entry drops that token
+        results = []
+        for b in (batch, {**batch, "label_index": index}, {**batch, "label_index": dropped}):
+            state = replicate(init_state(params, optimizer, seed=0), mesh)
+            state, metrics = p_train(state, replicate({}, mesh), b)
+            results.append((unreplicate(state), jax.tree.map(lambda x: float(x[0]), metrics)))
+        (full_state, full), (sparse_state, sparse), (_, fewer) = results
+        assert fewer["tokens"] == full["tokens"] - devices * accum
+        for k in ("loss", "grad_norm", "accuracy", "tokens"):
+            np.testing.assert_allclose(sparse[k], full[k], rtol=RTOL, err_msg=k)
+        for a, b in zip(jax.tree.leaves(sparse_state["trainable"]), jax.tree.leaves(full_state["trainable"])):
+            np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-7)

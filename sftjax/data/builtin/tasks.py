@@ -68,6 +68,7 @@ _SKIPPED_FIRST = ("self", "cls")  # first_param: a leading parameter of these na
 _ADD_MAX = 99  # add: operands in 0.._ADD_MAX
 
 EVAL_FRACTION = {"module": 0.25, "first_param": 0.10, "add": 0.10}  # share of keys held out (before capping)
+TASK_NAMES = tuple(EVAL_FRACTION)  # the tasks, in the order build_tasks returns them
 SHOT_SEPARATOR = "\n\n"  # between the solved examples of a few-shot prompt and before the query
 
 

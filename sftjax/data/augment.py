@@ -1,0 +1,44 @@
+"""Data augmentation on packed batches: prompt-token noise.
+
+Each time a batch is drawn, every *prompt* token of a task with rate r > 0 is replaced with probability r by a
+token drawn uniformly from the batch's eligible prompt tokens (so from the data's own token distribution: no
+vocabulary knowledge needed, no special tokens invented). An example is seen with different noise every epoch,
+which makes memorising its exact wording harder (the text analogue of random crops; cf. "word dropout",
+Iyyer et al. 2015, and EDA's random replacement, Wei & Zou 2019).
+
+Eligible: token j of an example that is neither its first token (BOS / turn start), nor a trained token
+(loss_mask[j - 1] = 1: j is a completion token), nor the token that predicts a trained token (loss_mask[j] = 1:
+the cue right before the answer). Targets are left as they are: the noised positions' targets are never trained.
+Use it only where the answer does not depend on every prompt token (classification of a text, not arithmetic).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def eligible(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Bool [..., T]: the prompt tokens that noise may replace (see the module docstring)."""
+    mask = batch["loss_mask"] > 0
+    trained_before = np.zeros_like(mask)
+    trained_before[..., 1:] = mask[..., :-1]
+    return (batch["segment_ids"] > 0) & (batch["positions"] > 0) & ~mask & ~trained_before
+
+
+def prompt_noise(batch: dict[str, np.ndarray], rates: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """`batch` with its eligible prompt tokens replaced at the per-task rates [num_tasks] (task_ids index them).
+
+    Returns a new dict (the input arrays are not modified); unchanged when no rate is positive.
+    """
+    if not np.any(rates > 0):
+        return batch
+    tokens = batch["tokens"]
+    ok = eligible(batch)
+    rate = np.where(ok, rates[np.clip(batch["task_ids"], 0, len(rates) - 1)], 0.0)
+    hit = rng.random(tokens.shape) < rate
+    if not hit.any():
+        return batch
+    pool = tokens[ok]
+    noised = tokens.copy()
+    noised[hit] = pool[rng.integers(0, len(pool), int(hit.sum()))]
+    return {**batch, "tokens": noised}

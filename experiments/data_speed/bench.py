@@ -61,7 +61,8 @@ def main() -> None:
     print(json.dumps({"examples": args.examples, "seq_len": args.seq_len, "tokens": st.tokens,
                       "trained_tokens": st.trained_tokens, "prepare_s": round(t1 - t0, 2),
                       "pack_s": round(t2 - t1, 2), "batches": batches, "packing_efficiency": round(it.efficiency, 4),
-                      "examples_per_s": round(args.examples / (t2 - t0)), "tokens_per_s": round(st.tokens / (t2 - t0))}))
+                      "examples_per_s": round(args.examples / (t2 - t0)),
+                      "tokens_per_s": round(st.tokens / (t2 - t0))}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python experiments/methods/run.py
 
-Each method runs the main job (`sftjax-train` defaults: 400 steps of 32 x 128 tokens on the three built-in tasks,
+Each method runs the main job (`sftjax-train` defaults: 300 steps of 32 x 128 tokens on the three built-in tasks,
 lr 3e-3) with one override; see README.md.
 """
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import keep, machine, pct, pyplot, report, table, train, write_results  # noqa: E402
+from common import machine, pct, pyplot, report, table, train, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RUNS = {
@@ -26,11 +26,10 @@ RUNS = {
 
 
 def main() -> None:
-    reports = {}
+    reports, dirs = {}, {}
     for name, overrides in RUNS.items():
-        run_dir = train(*overrides)
-        keep(run_dir, HERE / "results", name.replace(" ", "_").replace("=", ""))
-        reports[name] = report(run_dir)
+        dirs[name] = train(HERE / "results", name.replace(" ", "_").replace("=", ""), *overrides)
+        reports[name] = report(dirs[name])
     tasks = next(iter(reports.values()))["tasks"]
     rows = []
     for name, r in reports.items():
@@ -42,7 +41,7 @@ def main() -> None:
               "forgetting (corpus loss increase)"]
     base = next(iter(reports.values()))
     text = "\n".join([
-        f"Measured {machine()}; `python experiments/methods/run.py`.", "",
+        f"Measured {machine(dirs['full'])}; `python experiments/methods/run.py`.", "",
         table(header, rows), "",
         f"Base before fine-tuning: held-out corpus loss {base['corpus_loss_base']:.3f}; mean exact match "
         f"{pct(sum(base['zero_shot'].values()) / len(tasks))} zero-shot, "
@@ -50,8 +49,8 @@ def main() -> None:
         "base held frozen in memory (full fine-tuning trains all of them: 0); tokens/s: median over the run's "
         "logged windows (non-padding tokens, first window with compilation left out).", "",
         "![accuracy vs forgetting](methods.png)"])
-    write_results(HERE, text)
-
+    if not write_results(HERE, text):
+        return
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, r in reports.items():

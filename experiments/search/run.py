@@ -17,32 +17,29 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import keep, machine, pct, pyplot, report, sweep, table, write_results  # noqa: E402
+from common import machine, pct, pyplot, report, sweep, table, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SWEEPS = {"grid": "lora_grid", "TPE": "lora_tpe"}
 
 
-def trials(sweep_dir: Path) -> list[dict]:
-    """The sweep's runs in the order they ran: lr, rank, held-out loss, exact match, seconds."""
+def trials(jobs: list[Path]) -> list[dict]:
+    """A sweep's runs (results/ copies, in the order they ran): lr, rank, held-out loss, exact match, seconds."""
     out = []
-    for job in sorted((d for d in sweep_dir.iterdir() if d.name.isdigit()), key=lambda d: int(d.name)):
+    for i, job in enumerate(jobs):
         config = json.loads((job / "config.json").read_text())
         final = json.loads((job / "final_metrics.json").read_text())
         r = report(job)
-        out.append({"job": int(job.name), "lr": config["optim"]["lr"], "rank": config["method"]["lora"]["rank"],
+        out.append({"job": i, "lr": config["optim"]["lr"], "rank": config["method"]["lora"]["rank"],
                     "eval_loss": final["eval/loss"], "mean": r["mean"],
                     "seconds": sum(r["numbers"]["seconds"].values()), "dir": job})
     return out
 
 
 def main() -> None:
-    found, text = {}, [f"Measured {machine()}; `python experiments/search/run.py`.", ""]
+    found, text = {}, []
     for label, experiment in SWEEPS.items():
-        sweep_dir = sweep(f"search_{experiment}", "method=lora", f"experiment={experiment}")
-        runs = trials(sweep_dir)
-        for t in runs:
-            keep(t["dir"], HERE / "results", f"{experiment}_{t['job']}")
+        runs = trials(sweep(HERE / "results", experiment, "method=lora", f"experiment={experiment}"))
         found[label] = runs
         best = min(runs, key=lambda t: t["eval_loss"])
         text += [f"**{label}** (`sftjax-train -m method=lora experiment={experiment}`): {len(runs)} runs, "
@@ -52,9 +49,10 @@ def main() -> None:
                  table(["run", "lr", "rank", "held-out loss", "mean exact match", "seconds"],
                        [[t["job"] + 1, f"{t['lr']:.2e}", t["rank"], f"{t['eval_loss']:.4f}", pct(t["mean"]),
                          f"{t['seconds']:.0f}"] for t in runs]), ""]
-    text += ["![best so far](search.png)"]
-    write_results(HERE, "\n".join(text))
-
+    first = found["grid"][0]["dir"]
+    text = [f"Measured {machine(first)}; `python experiments/search/run.py`.", "", *text, "![best so far](search.png)"]
+    if not write_results(HERE, "\n".join(text)):
+        return
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, (label, runs) in enumerate(found.items()):

@@ -54,11 +54,11 @@ def main() -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, r in reports.items():
-        ax.scatter(r["forgetting"], 100 * r["mean"], s=40)
-        ax.annotate(name, (r["forgetting"], 100 * r["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.scatter(r["forgetting"], 100 * r["mean"], s=40, label=name)
     ax.set_xlabel("forgetting: increase of held-out corpus loss (nats / token)")
     ax.set_ylabel("mean held-out exact match (%)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(HERE / "methods.png", dpi=110)
 

@@ -130,6 +130,13 @@ def _curves(metrics: Path) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
+def median_tokens_per_s(metrics: Path) -> float:
+    """Median train throughput (non-padding tokens / s) of a run's logged windows, the first (compilation) left
+    out."""
+    rates = [d["tokens_per_s"] for d in _read_jsonl(metrics) if d.get("split") == "train" and "tokens_per_s" in d]
+    return float(np.median(rates[1:] or rates)) if rates else 0.0
+
+
 def plots(run_dir: Path, pretrain_dir: Path, c: Comparison) -> list[str]:
     """loss_curves.png and accuracy.png in run_dir; returns the file names written."""
     import matplotlib

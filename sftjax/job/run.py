@@ -19,14 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
-
 from sftjax.config import BuiltinSection, DatasetSection, TrainConfig, check
 from sftjax.data.builtin.tasks import TASK_NAMES, TaskFiles
 from sftjax.job import report as report_lib
 from sftjax.job.base import Builtin, ensure_builtin
 from sftjax.peft.lora import count
+from sftjax.peft.quant import tree_bytes
 from sftjax.train.loop import run_training
 from sftjax.train.setup import build_model, build_tokenizer, restore_checkpoint
 from sftjax.train.state import merge_params
@@ -47,6 +45,8 @@ def check_tasks(b: BuiltinSection) -> None:
         check(name in TASK_NAMES, "builtin.tasks", name, f"unknown task (the built-in tasks: {known})")
     for name in TASK_NAMES:
         check(getattr(b.upsample, name) > 0, f"builtin.upsample.{name}", getattr(b.upsample, name), "must be > 0")
+        check(0.0 <= getattr(b.prompt_noise, name) < 1.0, f"builtin.prompt_noise.{name}",
+              getattr(b.prompt_noise, name), "must be in [0, 1)")
 
 
 def task_datasets(b: BuiltinSection, tasks: dict[str, TaskFiles]) -> list[DatasetSection]:
@@ -56,18 +56,6 @@ def task_datasets(b: BuiltinSection, tasks: dict[str, TaskFiles]) -> list[Datase
     same = len(set(factors.values())) == 1
     return [DatasetSection(path=str(t.train_path), name=n, weight=None if same else t.n_train * factors[n],
                            prompt_noise=getattr(b.prompt_noise, n)) for n, t in tasks.items()]
-
-
-def tree_bytes(tree: Any) -> int:
-    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
-
-
-def median_tokens_per_s(metrics: Path) -> float:
-    """Median train throughput (non-padding tokens / s) of a run's logged windows, the first (compilation) left
-    out."""
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    rates = [d["tokens_per_s"] for d in lines if d.get("split") == "train" and "tokens_per_s" in d]
-    return float(np.median(rates[1:] or rates)) if rates else 0.0
 
 
 def baseline_cache(cfg: TrainConfig, built: Builtin) -> Path:
@@ -129,7 +117,7 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
         "method": cfg.method.name, "steps": step, "best_checkpoint": best,
         "trainable_params": count(tuned.trainable), "trainable_bytes": tree_bytes(tuned.trainable),
         "frozen_bytes": tree_bytes(tuned.frozen),
-        "train_tokens_per_s": median_tokens_per_s(run_dir / "metrics.jsonl"),
+        "train_tokens_per_s": report_lib.median_tokens_per_s(run_dir / "metrics.jsonl"),
         "seconds": {"base": built_at - start, "fine_tuning": trained_at - built_at, "evaluation": done - trained_at},
     }
     images = report_lib.plots(run_dir, built.pretrain_dir, comparison)

@@ -75,16 +75,16 @@ def _text(tokenizer: Tokenizer, ids: list[int]) -> str:
 
 
 def generations(model_cfg: ModelConfig, params: Params, tokenizer: Tokenizer, examples: list[Tokenized],
-                max_new_tokens: int, prompt_len: int = 0) -> list[dict[str, Any]]:
+                max_new_tokens: int) -> list[dict[str, Any]]:
     """Greedy generations for examples: [{where, prompt, generated, reference, exact}].
 
     Every batch has _GENERATION_BATCH rows (the last one filled up with repeats) and prompts left-padded to the
-    longest of `examples` (at least prompt_len): one compilation for all of them.
+    longest of `examples`: one compilation for all of them.
     """
     eos = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
     split = [split_prompt(ex) for ex in examples]
     prompts = [p or [tokenizer.bos_id or 0] for p, _ in split]
-    longest = max([prompt_len, *(len(p) for p in prompts)])
+    longest = max((len(p) for p in prompts), default=0)
     out = []
     for start in range(0, len(examples), _GENERATION_BATCH):
         chunk = list(range(start, min(start + _GENERATION_BATCH, len(examples))))

@@ -60,6 +60,7 @@ def test_a_bad_task_option_fails_in_one_line_before_building(tmp_path, monkeypat
     monkeypatch.setenv("SFTJAX_CACHE", str(tmp_path / "cache"))
     for bad, key in (("builtin.tasks=[add,nope]", "builtin.tasks='nope'"),
                      ("builtin.upsample.add=0", "builtin.upsample.add=0.0"),
+                     ("builtin.prompt_noise.module=1.5", "builtin.prompt_noise.module=1.5"),
                      ("builtin.tasks=[add,add]", "builtin.tasks=")):
         done = run_train(bad, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
         assert done.returncode == 2, done.stderr[-2000:]

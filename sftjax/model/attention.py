@@ -8,7 +8,9 @@ in the sequence or the cache) and a segment id (0 = padding, 1, 2, ... = example
 
 so packed examples never see each other, left padding in a batch of prompts is invisible, and slots of the cache
 not yet written (index > t) are excluded by causality. Positions (for RoPE) are given separately and restart at 0
-in each segment.
+in each segment. The mask reaches the layers as an additive float32 bias (0 allowed, float32 min excluded), built
+once per forward pass: an addition needs nothing saved for the backward pass, where a select per layer would keep
+its mask broadcast to every head as a residual.
 
 Grouped-query attention: N query heads share K key/value heads in G = N // K groups, computed without repeating
 the keys: `BTKGH,BSKH->BKGTS`.
@@ -37,16 +39,25 @@ def window_mask(q_index: jax.Array, k_index: jax.Array, window: jax.Array) -> ja
     return (window == 0) | (q_index[:, None] - k_index[None, :] < window)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(H)) v over allowed keys; softmax in float32.
+def mask_bias(mask: jax.Array) -> jax.Array:
+    """Boolean mask [B, T, S] -> additive float32 bias [B, T, S]: 0 where allowed, float32 min where not.
 
-    q [B, T, N, H], k and v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]
+    A row with no allowed key (never produced by `attention_mask`: a token always sees itself) would get uniform
+    weights, since all its logits round to the same float32 min.
+    """
+    return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(H) + bias) v; logits and softmax in float32.
+
+    q [B, T, N, H], k and v [B, S, K, H], bias [B, T, S] (`mask_bias`) -> [B, T, N, H]
     """
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) * (H**-0.5)
-    logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    logits = logits.astype(jnp.float32) + bias[:, None, None]
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
 
@@ -57,8 +68,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None):
-        """x [B, T, D], positions [B, T], mask [B, T, S] -> (out [B, T, D], (k, v) [B, S, K, H] each).
+    def __call__(self, x, positions, bias, kv_cache=None, cache_index=None):
+        """x [B, T, D], positions [B, T], bias [B, T, S] -> (out [B, T, D], (k, v) [B, S, K, H] each).
 
         Without a cache S == T. With `kv_cache` = (k, v) [B, S, K, H], the new keys and values are written at
         slots cache_index .. cache_index + T - 1 and attention runs over the whole cache.
@@ -78,5 +89,5 @@ class Attention(nn.Module):
             k_cache, v_cache = kv_cache
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias)
         return Dense(cfg.hidden_size, cfg.o_bias, cfg, name="o_proj")(out.reshape(B, T, N * H)), (k, v)

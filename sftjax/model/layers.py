@@ -9,6 +9,7 @@ compute dtype; matmuls run in the compute dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -20,6 +21,35 @@ from sftjax.model.config import ModelConfig
 from sftjax.peft import quant
 
 _INIT_STD = 0.02  # initializer_range of every HF Llama-family config
+
+
+@jax.custom_vjp
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w [in, out] -> [..., out], with its backward pass written as two 2-D matmuls:
+
+        dx = g @ w^T                                  [..., out] x [out, in] -> [..., in]
+        dw = x2^T @ g2    (x2 [M, in], g2 [M, out]: the leading axes flattened, M = prod(...))
+
+    Autodiff of the same dot contracts dw over the leading axes as a multi-dimensional dot_general, and XLA:CPU
+    then writes the output gradient out a second time, transposed, before the weight-gradient dot (a copy the
+    size of the activations per linear layer): the explicit form is 1.17x faster on the benchmark's train step.
+    The results are the same dots, bit for bit. An unused dw (a frozen weight) is removed by XLA.
+    """
+    return jnp.dot(x, w)
+
+
+def _linear_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _linear_bwd(residuals, g):
+    x, w = residuals
+    dx = jnp.dot(g, w.T)
+    dw = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+    return dx, dw
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 class Dense(nn.Module):
@@ -45,11 +75,11 @@ class Dense(nn.Module):
         x = x.astype(dtype)
         if self.has_variable("params", "qkernel"):  # frozen 4-bit base (QLoRA): [out, in] codes, torch order
             w = quant.dequantize(self.get_variable("params", "qkernel"), (self.features, x.shape[-1]), dtype)
-            y = jnp.einsum("...i,oi->...o", x, w)
+            y = linear(x, w.T)
         else:
             kernel = self.param("kernel", nn.initializers.normal(_INIT_STD), (x.shape[-1], self.features),
                                 param_dtype)
-            y = jnp.dot(x, kernel.astype(dtype))
+            y = linear(x, kernel.astype(dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)
         if self.has_variable("params", "lora_a"):
@@ -57,7 +87,7 @@ class Dense(nn.Module):
             b = self.get_variable("params", "lora_b").astype(dtype)  # [R, out]
             if cfg.lora_dropout > 0 and self.has_rng("dropout"):
                 x = nn.Dropout(cfg.lora_dropout, deterministic=False, name="lora_dropout")(x)
-            y = y + jnp.dot(jnp.dot(x, a), b) * jnp.asarray(cfg.lora_scale, dtype)
+            y = y + linear(linear(x, a), b) * jnp.asarray(cfg.lora_scale, dtype)
         return y
 
 
@@ -88,6 +118,31 @@ def activation(name: str, x: jax.Array) -> jax.Array:
     if name == "relu":
         return jax.nn.relu(x)
     raise ValueError(f"unknown activation {name!r}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated_activation(name: str, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """act(gate) * up, the GLU of the MLP (SwiGLU, GeGLU). gate, up [..., F] -> [..., F]
+
+    Differentiated by hand so that the backward pass keeps only gate and up (2 arrays of [B, T, F] per layer)
+    and recomputes act(gate) from them; autodiff of the composition keeps the activation's intermediates too (4
+    arrays for silu), and the extra residual traffic costs more than the recomputation.
+    """
+    return activation(name, gate) * up
+
+
+def _gated_activation_fwd(name, gate, up):
+    return gated_activation(name, gate, up), (gate, up)
+
+
+def _gated_activation_bwd(name, residuals, g):
+    gate, up = residuals
+    act, act_vjp = jax.vjp(lambda x: activation(name, x), gate)
+    (d_gate,) = act_vjp(g * up)
+    return d_gate, g * act
+
+
+gated_activation.defvjp(_gated_activation_fwd, _gated_activation_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sftjax.model.attention import Attention, attention_mask, window_mask
+from sftjax.model.attention import Attention, attention_mask, mask_bias, window_mask
 from sftjax.model.config import ModelConfig
-from sftjax.model.layers import _INIT_STD, Dense, RMSNorm, activation
+from sftjax.model.layers import _INIT_STD, Dense, RMSNorm, gated_activation, linear
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -43,7 +43,7 @@ class MLP(nn.Module):
         cfg = self.cfg
         gate = Dense(cfg.intermediate_size, cfg.mlp_bias, cfg, name="gate_proj")(x)
         up = Dense(cfg.intermediate_size, cfg.mlp_bias, cfg, name="up_proj")(x)
-        return Dense(cfg.hidden_size, cfg.mlp_bias, cfg, name="down_proj")(activation(cfg.hidden_act, gate) * up)
+        return Dense(cfg.hidden_size, cfg.mlp_bias, cfg, name="down_proj")(gated_activation(cfg.hidden_act, gate, up))
 
 
 class Block(nn.Module):
@@ -55,10 +55,10 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None, deterministic=True):
+    def __call__(self, x, positions, bias, kv_cache=None, cache_index=None, deterministic=True):
         drop = nn.Dropout(self.cfg.dropout_rate, deterministic=deterministic)
         h = RMSNorm(self.cfg, name="input_layernorm")(x)
-        h, kv = Attention(self.cfg, name="self_attn")(h, positions, mask, kv_cache, cache_index)
+        h, kv = Attention(self.cfg, name="self_attn")(h, positions, bias, kv_cache, cache_index)
         x = x + drop(h)
         x = x + drop(MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x)))
         return x, kv
@@ -76,8 +76,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     D, V = cfg.hidden_size, cfg.vocab_size
     x = jnp.zeros((1, 1, D), cfg.dtype)
     positions = jnp.zeros((1, 1), jnp.int32)
-    mask = jnp.ones((1, 1, 1), bool)
-    init_layer = lambda key: Block(cfg).init(key, x, positions, mask)["params"]  # noqa: E731
+    bias = jnp.zeros((1, 1, 1), jnp.float32)
+    init_layer = lambda key: Block(cfg).init(key, x, positions, bias)["params"]  # noqa: E731
     params: Params = {
         "embed_tokens": {"embedding": (_INIT_STD * jax.random.normal(k_embed, (V, D))).astype(param_dtype)},
         "layers": jax.vmap(init_layer)(jax.random.split(k_layers, cfg.num_layers)),
@@ -117,8 +117,8 @@ def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
 def lm_head(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
     """h [B, T, D] -> logits [B, T, V] in the compute dtype."""
     if cfg.tie_word_embeddings:
-        return jnp.einsum("BTD,VD->BTV", h, params["embed_tokens"]["embedding"].astype(cfg.dtype))
-    return jnp.einsum("BTD,DV->BTV", h, params["lm_head"]["kernel"].astype(cfg.dtype))
+        return linear(h, params["embed_tokens"]["embedding"].astype(cfg.dtype).T)
+    return linear(h, params["lm_head"]["kernel"].astype(cfg.dtype))
 
 
 def _remat(cfg: ModelConfig, fn):
@@ -134,17 +134,22 @@ def run_layers(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Ar
     """Apply the L blocks. x [B, T, D], mask [B, T, S] -> (x [B, T, D], updated cache (k, v) [L, B, S, K, H]).
 
     Per-layer inputs (parameters, attention window, cache slice, layer index) are scanned or looped over
-    together. Dropout (residual and LoRA; training only) uses the key fold_in(dropout_rng, layer).
+    together. Dropout (residual and LoRA; training only) uses the key fold_in(dropout_rng, layer). Without
+    sliding windows every layer shares one attention bias, built here once.
     """
     block = Block(cfg)
     windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
+    shared_bias = None if any(cfg.layer_windows()) else mask_bias(mask)
     train = dropout_rng is not None and (cfg.dropout_rate > 0 or cfg.lora_dropout > 0)
 
     def layer(x, per_layer):
         params, window, kv, index = per_layer
-        layer_mask = mask & window_mask(q_index, k_index, window)[None]
+        if shared_bias is None:
+            bias = mask_bias(mask & window_mask(q_index, k_index, window)[None])
+        else:
+            bias = shared_bias
         rngs = {"dropout": jax.random.fold_in(dropout_rng, index)} if train else {}
-        x, new_kv = block.apply({"params": params}, x, positions, layer_mask, kv, cache_index,
+        x, new_kv = block.apply({"params": params}, x, positions, bias, kv, cache_index,
                                 deterministic=not train, rngs=rngs)
         return x, (None if kv is None else new_kv)
 

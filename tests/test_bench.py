@@ -1,4 +1,5 @@
-"""experiments/bench/bench.py --quick runs end to end on a tiny config and writes its table and JSON.
+"""experiments/bench/bench.py --quick runs end to end on a tiny config and writes its table and JSON; ab.py runs
+its variants, which agree, and puts back what it patched.
 
 Speed is never asserted here: the benchmark measures it, a test only checks that the benchmark runs.
 """
@@ -35,3 +36,36 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     assert not result["memory"]["full"]["sftjax"]["torch_imported"]
     assert {(r["scan_layers"]) for r in result["compile"]["rows"]} == {True, False}
     assert {r["remat"] for r in result["scaling"]["rows"]} == {"none", "full"}
+
+
+AB = BENCH.parent / "ab.py"
+
+
+def test_ab_runs_every_variant_and_they_agree():
+    """ab.py on a tiny config: one row per variant, and the variants train the same model (first losses equal to
+    1e-5: each variant reverts one implementation choice, not the computation)."""
+    proc = subprocess.run([sys.executable, str(AB), "--preset", "tiny-llama", "--batch", "2", "--seq", "32",
+                           "--steps", "2", "--warmup", "1"], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    variants = [row[0].strip("| ") for row in rows[1:]]
+    assert variants == ["current", "autodiff_linear", "autodiff_glu", "select_mask"]
+    first_losses = [float(row[4].split(" / ")[0]) for row in rows[1:]]
+    assert max(first_losses) - min(first_losses) < 1e-5
+
+
+def test_ab_restores_the_patched_functions():
+    sys.path.insert(0, str(AB.parent))
+    try:
+        import ab
+    finally:
+        sys.path.remove(str(AB.parent))
+    from sftjax.model import attention, layers, transformer
+
+    before = (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention)
+    for variant in ab.VARIANTS:
+        with ab.patched(variant):
+            now = (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention)
+            assert (now != before) == (variant != "current")
+    assert (layers.linear, transformer.linear, transformer.gated_activation,
+            attention.dot_product_attention) == before

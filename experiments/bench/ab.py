@@ -1,0 +1,122 @@
+"""A/B of sftjax train-step variants in one process: compiled side by side, their steps alternating.
+
+    python experiments/bench/ab.py                                   # current vs the three reverted choices, full
+    python experiments/bench/ab.py --mode lora --variants current,autodiff_linear --steps 12
+
+On a shared or noisy machine two runs of the same step can differ by 10-20% (experiments/bench/README.md), more
+than most single optimisations. Alternating the variants' steps on the same batches in one process puts both
+under the same machine state, so their ratio is what changed. Every variant builds the trainer's own step
+(`jax_side.Runner`) on the bench config; a variant is the current code with one choice reverted by swapping a
+function before its step is traced:
+
+    current          the code as committed
+    autodiff_linear  linear layers differentiated by JAX (jnp.dot) instead of `layers.linear`'s hand-written VJP
+    autodiff_glu     the GLU as act(gate) * up differentiated by JAX instead of `layers.gated_activation`
+    select_mask      attention masked by a select per layer, as before the additive bias
+
+Prints per variant: median step seconds and tokens/s over the steps after --warmup, the loss of the first and
+last step (variants compute the same thing: the losses agree to float32 rounding), and XLA's temp buffer size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jax_side  # noqa: E402
+import workers  # noqa: E402
+from sftjax.model import attention, layers, transformer  # noqa: E402
+from sftjax.model.config import PRESETS  # noqa: E402
+
+
+def _select_mask_attention(q, k, v, bias):
+    """dot_product_attention as it was: where(mask, logits, float32 min) instead of logits + bias."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) * (H**-0.5)
+    mask = (bias == 0)[:, None, None]
+    logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+
+
+# variant -> [(module, attribute, replacement)]
+VARIANTS = {
+    "current": [],
+    "autodiff_linear": [(layers, "linear", jnp.dot), (transformer, "linear", jnp.dot)],
+    "autodiff_glu": [(transformer, "gated_activation", lambda name, gate, up: layers.activation(name, gate) * up)],
+    "select_mask": [(attention, "dot_product_attention", _select_mask_attention)],
+}
+
+
+@contextlib.contextmanager
+def patched(variant: str):
+    saved = [(module, name, getattr(module, name)) for module, name, _ in VARIANTS[variant]]
+    try:
+        for module, name, value in VARIANTS[variant]:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", default="full", choices=["full", "lora", "qlora"])
+    ap.add_argument("--variants", default="current,autodiff_linear,autodiff_glu,select_mask")
+    ap.add_argument("--preset", default="bench-llama")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10, help="steps per variant, warm-up included")
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args(argv)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    if args.steps <= args.warmup:
+        ap.error("--steps must exceed --warmup")
+
+    model_cfg = dataclasses.replace(PRESETS[args.preset], dtype="float32", param_dtype="float32")
+    cfg = jax_side.train_config("unused", args.mode, 16, 32, 1e-4)
+    batches = [jax_side.sftjax_batch(*b) for b in workers.batches(3, args.batch, args.seq, model_cfg.vocab_size, 0)]
+    runners = {}
+    for name in names:
+        with patched(name):  # the step is traced and compiled here, with the variant's functions
+            runner = jax_side.Runner(cfg, jax_side.random_model(cfg, model_cfg))
+            runner.compile(batches[0])
+        runners[name] = runner
+    times = {n: [] for n in names}
+    losses = {n: [] for n in names}
+    for i in range(args.steps):
+        for name in names:
+            start = time.perf_counter()
+            losses[name].append(runners[name].step(batches[i % len(batches)]))
+            times[name].append(time.perf_counter() - start)
+    tokens = args.batch * args.seq
+    print(f"{args.mode}, {args.preset}, batch {args.batch} x {args.seq}; medians of {args.steps - args.warmup} "
+          f"alternating steps after {args.warmup}")
+    base = "current" if "current" in names else names[0]
+    print(f"| variant | step s | tokens/s | speed vs {base} | loss first / last | XLA temp MiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    ref = float(np.median(times[base][args.warmup:]))
+    for name in names:
+        t = float(np.median(times[name][args.warmup:]))
+        print(f"| {name} | {t:.3f} | {tokens / t:.0f} | {ref / t:.2f}x | {losses[name][0]:.6f} / "
+              f"{losses[name][-1]:.6f} | {runners[name].temp_bytes / 2**20:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

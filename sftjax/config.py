@@ -139,7 +139,8 @@ class BuiltinSection:
     pretrain_seq_len: int = 128  # tokens per pre-training row (the task examples are shorter)
     pretrain_lr: float = 5e-3  # peak learning rate of pre-training (warmup + cosine)
     train_examples: int = 8000  # labeled training examples per task, at most (module has 1248, first_param 5703)
-    eval_examples: int = 100  # held-out examples per task scored by generation (at most)
+    eval_examples: int = 100  # test (or valid) examples per task scored by generation in the report (at most)
+    report_split: str = "test"  # the split the report scores: test | valid (choose settings on valid, not test)
     few_shot: int = 3  # solved examples in front of each prompt for the few-shot baseline
     max_new_tokens: int = 8  # generation length when scoring answers
     tasks: list[str] = field(default_factory=lambda: ["module", "first_param", "add"])  # trained and evaluated

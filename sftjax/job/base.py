@@ -2,7 +2,7 @@
 
     cache_dir/builtin-py3.11-<key>/
         corpus/      corpus_train.jsonl, corpus_heldout.jsonl, corpus.json  (sftjax.data.builtin.corpus)
-        tasks-<n>/   <task>_train.jsonl, <task>_eval.jsonl (n train examples)  (sftjax.data.builtin.tasks)
+        tasks-<n>/   <task>_{train,valid,test}.jsonl (n train examples)  (sftjax.data.builtin.tasks)
         pretrain/    the pre-training run (sftjax's own loop: metrics.jsonl, checkpoints/; resumable)
         base/        the pre-trained base as an HF directory: config.json, model.safetensors, tokenizer files
 

@@ -1,7 +1,8 @@
 """Step 3 of the main job: the base against the fine-tuned model, on held-out data, as a table and a report.
 
 "The base" is the model before fine-tuning as the run holds it (under qlora: the quantized base; adapters start at
-B = 0, so they do not change it). For each task: exact-match accuracy of greedy answers (the held-out split) of
+B = 0, so they do not change it). For each task: exact-match accuracy of greedy answers (on the test split, or on
+the validation split with builtin.report_split=valid, for choosing settings without looking at the test) of
     base, zero-shot     the task prompt alone
     base, k-shot        k solved training examples in front of the prompt (the few-shot baseline)
     fine-tuned          the task prompt alone
@@ -36,9 +37,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def few_shot_file(task: TaskFiles, k: int, limit: int, out: Path, seed: int = 0) -> Path:
-    """The held-out prompts with k solved training examples in front (fixed per task: the same k shots)."""
-    train, held = _read_jsonl(task.train_path), _read_jsonl(task.eval_path)[:limit]
+def few_shot_file(task: TaskFiles, split: str, k: int, limit: int, out: Path, seed: int = 0) -> Path:
+    """The prompts of `split` with k solved training examples in front (fixed per task: the same k shots)."""
+    train, held = _read_jsonl(task.train_path), _read_jsonl(task.path(split))[:limit]
     rng = np.random.default_rng(seed)
     shots = [train[i] for i in rng.choice(len(train), size=k, replace=False)]
     records = [{"prompt": few_shot_prompt(shots, q), "completion": q["completion"]} for q in held]
@@ -66,6 +67,7 @@ def corpus_loss(cfg: ModelConfig, params: Params, data: Prepared, max_batches: i
 @dataclasses.dataclass
 class Comparison:
     tasks: list[str]
+    split: str  # the split scored: test | valid
     zero_shot: dict[str, float]  # task -> exact match of the base, prompt alone
     few_shot: dict[str, float]  # task -> exact match of the base, k shots in front
     fine_tuned: dict[str, float]  # task -> exact match of the fine-tuned model
@@ -81,8 +83,8 @@ def compare(cfg: TrainConfig, tasks: dict[str, TaskFiles], corpus_heldout: Path,
     """Score the base and the fine-tuned model. baseline_cache: a JSON file holding the base's scores for exactly
     these settings (read when present, written otherwise), so runs of a sweep score the same base once."""
     b = cfg.builtin
-    limit, names = b.eval_examples, list(tasks)
-    held = _prepared([(n, tasks[n].eval_path) for n in names], tokenizer, seq_len=512, limit=limit)
+    limit, names, split = b.eval_examples, list(tasks), b.report_split
+    held = _prepared([(n, tasks[n].path(split)) for n in names], tokenizer, seq_len=512, limit=limit)
     corpus = _prepared([("corpus", corpus_heldout)], tokenizer, seq_len=256, fmt="text", mask="all")
 
     def accuracy(model, data):
@@ -91,7 +93,8 @@ def compare(cfg: TrainConfig, tasks: dict[str, TaskFiles], corpus_heldout: Path,
 
     scores = json.loads(baseline_cache.read_text()) if baseline_cache and baseline_cache.is_file() else None
     if scores is None:
-        shots = _prepared([(n, few_shot_file(tasks[n], b.few_shot, limit, work / f"{n}_{b.few_shot}shot.jsonl"))
+        shots = _prepared([(n, few_shot_file(tasks[n], split, b.few_shot, limit,
+                                             work / f"{n}_{split}_{b.few_shot}shot.jsonl"))
                            for n in names], tokenizer, seq_len=1024, limit=limit)
         scores = {"zero_shot": accuracy(base, held), "few_shot": accuracy(base, shots),
                   "corpus_loss": corpus_loss(*base, corpus, 16)}
@@ -99,14 +102,14 @@ def compare(cfg: TrainConfig, tasks: dict[str, TaskFiles], corpus_heldout: Path,
             tmp = baseline_cache.with_suffix(".tmp")
             tmp.write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
             tmp.replace(baseline_cache)
-    return Comparison(names, scores["zero_shot"], scores["few_shot"], accuracy(tuned, held),
+    return Comparison(names, split, scores["zero_shot"], scores["few_shot"], accuracy(tuned, held),
                       scores["corpus_loss"], corpus_loss(*tuned, corpus, 16), b.few_shot,
                       {n: len(d) for n, d in zip(names, held.datasets)})
 
 
 def table(c: Comparison) -> str:
     """The before / after table (markdown)."""
-    rows = [f"| task | held-out examples | base, zero-shot | base, {c.k}-shot | fine-tuned |",
+    rows = [f"| task | {c.split} examples | base, zero-shot | base, {c.k}-shot | fine-tuned |",
             "| --- | --- | --- | --- | --- |"]
     for n in c.tasks:
         rows.append(f"| {n} | {c.examples[n]} | {c.zero_shot[n]:.1%} | {c.few_shot[n]:.1%} | {c.fine_tuned[n]:.1%} |")

@@ -3,8 +3,9 @@
 `sftjax-train` with no dataset runs it (with conf/experiment/main.yaml's settings). Two config values switch the
 built-in parts on, independently:
     model.path == "builtin"   the cached pre-trained base (built on first use: sftjax.job.base)
-    data.train == []          the built-in tasks (their held-out splits as data.eval), and the before / after
-                              report (sftjax.job.report) once training ends
+    data.train == []          the built-in tasks (their validation splits as data.eval: eval loss, early
+                              stopping, the sweep metric), and the before / after report (sftjax.job.report,
+                              on the test splits) once training ends
 so `sftjax-train model=path/to/hf_dir` fine-tunes your model on the built-in tasks and reports, and
 `sftjax-train data=mine.jsonl` fine-tunes the built-in base on your data.
 """
@@ -41,6 +42,7 @@ def check_tasks(b: BuiltinSection) -> None:
     known = ", ".join(TASK_NAMES)
     check(bool(b.tasks) and len(set(b.tasks)) == len(b.tasks), "builtin.tasks", b.tasks,
           f"must name one or more distinct tasks of: {known}")
+    check(b.report_split in ("test", "valid"), "builtin.report_split", b.report_split, "must be test or valid")
     for name in b.tasks:
         check(name in TASK_NAMES, "builtin.tasks", name, f"unknown task (the built-in tasks: {known})")
     for name in TASK_NAMES:
@@ -62,7 +64,8 @@ def baseline_cache(cfg: TrainConfig, built: Builtin) -> Path:
     """Where the built-in base's scores for these evaluation settings are kept (the base as this method holds it:
     quantized under qlora), so that every run of a sweep scores the same base once."""
     b, q = cfg.builtin, cfg.method.quant
-    parts = [[str(t.train_path) for t in built.tasks.values()], [str(t.eval_path) for t in built.tasks.values()],
+    parts = [[str(t.train_path) for t in built.tasks.values()],
+             [str(t.path(b.report_split)) for t in built.tasks.values()],
              b.eval_examples, b.few_shot, b.max_new_tokens, cfg.model.dtype,
              [q.kind, q.double_quant] if cfg.method.name == "qlora" else None]
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
@@ -84,7 +87,7 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
     if tasks:
         built.tasks = {name: built.tasks[name] for name in cfg.builtin.tasks}  # in that order
         cfg.data = dataclasses.replace(cfg.data, train=task_datasets(cfg.builtin, built.tasks),
-                                       eval=[DatasetSection(path=str(t.eval_path), name=n)
+                                       eval=[DatasetSection(path=str(t.valid_path), name=n)
                                              for n, t in built.tasks.items()], eval_fraction=0.0)
     if resolved is not None:  # the config.json of the run names what was actually used
         resolved = {**resolved, "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data)}

@@ -20,7 +20,15 @@ from sftjax.data.pipeline import DataConfig, DatasetSpec, prepare
 from sftjax.data.tokenizer import train_bpe_tokenizer
 
 MIN_TRAIN = {"module": 1000, "first_param": 2000, "add": 2000}  # CPython 3.10-3.13 hold at least this much
-MIN_EVAL = {"module": 150, "first_param": 200, "add": 200}
+MIN_HELD = {"valid": {"module": 50, "first_param": 200, "add": 200},
+            "test": {"module": 150, "first_param": 200, "add": 200}}
+SPLITS = ("train", "valid", "test")
+
+
+def disjoint(sets):
+    """No element in two of the sets of {split: set}."""
+    names = list(sets)
+    return all(not sets[a] & sets[b] for i, a in enumerate(names) for b in names[i + 1:])
 
 
 def read(path):
@@ -94,33 +102,34 @@ def test_builds_are_identical_across_processes_and_hash_seeds(built, tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     package = str(Path(sftjax.__file__).parent)
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "sub"), package], check=True, env=env, timeout=120)
-    names = ["corpus_train.jsonl", "corpus_heldout.jsonl"] + [f"{t}_{s}.jsonl" for t in tasks
-                                                              for s in ("train", "eval")]
+    names = ["corpus_train.jsonl", "corpus_heldout.jsonl"] + [f"{t}_{s}.jsonl" for t in tasks for s in SPLITS]
     for name in names:
         assert (tmp_path / "sub" / name).read_bytes() == (directory / name).read_bytes(), name
 
 
-def test_seed_changes_train_but_not_eval(built, tmp_path):
+def test_seed_changes_train_but_not_valid_or_test(built, tmp_path):
     _, info, tasks = built
     other = build_tasks(tmp_path, seed=1, heldout_modules=info.heldout_modules, n_train=300, n_eval=50)
     for name, files in other.items():
-        assert files.n_train <= 300 and files.n_eval <= 50
+        assert files.n_train <= 300 and files.n_valid <= 50 and files.n_test <= 50
         assert read(files.train_path) != read(tasks[name].train_path)[:files.n_train]
-        evals = read(files.eval_path)
-        assert {json.dumps(r) for r in evals} <= {json.dumps(r) for r in read(tasks[name].eval_path)}
+        for split in ("valid", "test"):
+            held = {json.dumps(r) for r in read(files.path(split))}
+            assert held <= {json.dumps(r) for r in read(tasks[name].path(split))}
 
 
 def test_every_task_has_enough_examples_in_the_prompt_completion_format(built):
     _, _, tasks = built
     assert set(tasks) == {"module", "first_param", "add"}
     for name, files in tasks.items():
-        train, evals = read(files.train_path), read(files.eval_path)
-        assert (len(train), len(evals)) == (files.n_train, files.n_eval)
-        assert files.n_train >= MIN_TRAIN[name] and files.n_eval >= MIN_EVAL[name], name
-        for r in train + evals:
+        records = {s: read(files.path(s)) for s in SPLITS}
+        assert [len(records[s]) for s in SPLITS] == [files.n_train, files.n_valid, files.n_test]
+        assert files.n_train >= MIN_TRAIN[name], name
+        assert all(getattr(files, f"n_{s}") >= MIN_HELD[s][name] for s in ("valid", "test")), name
+        for r in sum(records.values(), []):
             assert set(r) == {"prompt", "completion"}
             assert r["completion"].startswith(" ") and r["completion"].strip() and not r["prompt"].endswith(" ")
-        assert len({r["prompt"] for r in train} & {r["prompt"] for r in evals}) == 0, name
+        assert disjoint({s: {r["prompt"] for r in rs} for s, rs in records.items()}), name
 
 
 def _module_keys():
@@ -136,10 +145,10 @@ def _module_keys():
 
 def test_module_task_labels_and_split_by_function(built):
     _, info, tasks = built
-    train, evals = read(tasks["module"].train_path), read(tasks["module"].eval_path)
     origins = _module_keys()
     keys = {}
-    for split, records in (("train", train), ("eval", evals)):
+    for split in SPLITS:
+        records = read(tasks["module"].path(split))
         for r in records:
             text = re.fullmatch(r"Text: (.*)\nPackage:", r["prompt"], re.DOTALL).group(1)
             label = r["completion"][1:]
@@ -148,9 +157,11 @@ def test_module_task_labels_and_split_by_function(built):
             assert all(module.split(".")[0] == label for _, module in found)
             assert any(module not in info.heldout_modules for _, module in found)
             keys.setdefault(split, set()).update(key for key, _ in found)
-    assert not keys["train"] & keys["eval"]
-    per_class = {c: sum(r["completion"] == f" {c}" for r in evals) for c in MODULE_CLASSES}
-    assert min(per_class.values()) >= 25 and max(per_class.values()) <= 200 // len(MODULE_CLASSES)
+    assert disjoint(keys)
+    for split, least in (("valid", 5), ("test", 25)):
+        records = read(tasks["module"].path(split))
+        per_class = {c: sum(r["completion"] == f" {c}" for r in records) for c in MODULE_CLASSES}
+        assert min(per_class.values()) >= least and max(per_class.values()) <= 200 // len(MODULE_CLASSES)
 
 
 def _first_param(prompt):
@@ -164,24 +175,24 @@ def _first_param(prompt):
 def test_first_param_answers_are_right_and_names_disjoint(built):
     _, _, tasks = built
     names = {}
-    for split in ("train", "eval"):
-        for r in read(getattr(tasks["first_param"], f"{split}_path")):
+    for split in SPLITS:
+        for r in read(tasks["first_param"].path(split)):
             name, answer = _first_param(r["prompt"])
             assert r["completion"] == f" {answer}" and answer in r["prompt"]
             names.setdefault(split, set()).add(name)
-    assert not names["train"] & names["eval"]
+    assert disjoint(names)
 
 
 def test_add_answers_are_right_and_pairs_disjoint(built):
     _, _, tasks = built
     pairs = {}
-    for split in ("train", "eval"):
-        for r in read(getattr(tasks["add"], f"{split}_path")):
+    for split in SPLITS:
+        for r in read(tasks["add"].path(split)):
             m = re.fullmatch(r"(\d) (\d) \+ (\d) (\d) =", r["prompt"])
             a, b = int(m[1] + m[2]), int(m[3] + m[4])
             assert r["completion"] == " " + " ".join(f"{a + b:03d}")
             pairs.setdefault(split, set()).add(frozenset((a, b)))
-    assert not pairs["train"] & pairs["eval"]
+    assert disjoint(pairs)
 
 
 def test_few_shot_prompt_puts_solved_examples_before_the_query():
@@ -194,8 +205,7 @@ def test_few_shot_prompt_puts_solved_examples_before_the_query():
 def test_sftjax_pipeline_reads_every_file(built):
     directory, info, tasks = built
     tok = train_bpe_tokenizer([r["text"] for r in read(info.train_path)[:300]], 600)
-    paths = [info.train_path, info.heldout_path] + [getattr(t, f"{s}_path") for t in tasks.values()
-                                                    for s in ("train", "eval")]
+    paths = [info.train_path, info.heldout_path] + [t.path(s) for t in tasks.values() for s in SPLITS]
     config = DataConfig(datasets=[DatasetSpec(str(p)) for p in paths], seq_len=1024)
     prepared = prepare(config, tok)
     for path, stats in zip(paths, prepared.stats):

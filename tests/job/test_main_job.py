@@ -20,7 +20,7 @@ def test_main_job_builds_trains_and_reports(tmp_path, monkeypatch):
     done = run_train(*SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
     out = done.stdout + done.stderr
     assert "pre-training the built-in base" in out and "built-in corpus:" in out
-    assert "| task | held-out examples | base, zero-shot | base, 2-shot | fine-tuned |" in done.stdout
+    assert "| task | test examples | base, zero-shot | base, 2-shot | fine-tuned |" in done.stdout
     assert "Held-out corpus loss (forgetting)" in done.stdout
     report = json.loads((run / "report.json").read_text())
     assert len(report["tasks"]) >= 3 and set(report["fine_tuned"]) == set(report["tasks"])
@@ -32,10 +32,15 @@ def test_main_job_builds_trains_and_reports(tmp_path, monkeypatch):
     config = json.loads((run / "config.json").read_text())
     assert config["method"]["name"] == "full" and config["model"]["path"].endswith("/base")
     assert len(config["data"]["train"]) == len(report["tasks"])
+    # Training watches the validation splits (eval loss, early stopping, sweeps); the report scores the test splits.
+    assert [Path(d["path"]).name for d in config["data"]["eval"]] == [f"{t}_valid.jsonl" for t in report["tasks"]]
+    assert report["split"] == "test"
 
-    # LoRA on two of the tasks (in the order given), `add` drawn 3x as often per example, noise on module prompts.
+    # LoRA on two of the tasks (in the order given), `add` drawn 3x as often per example, noise on module prompts,
+    # scored on the validation splits.
     again = run_train(*SMALL, "method=lora", "builtin.tasks=[add,module]", "builtin.upsample.add=3",
-                      "builtin.prompt_noise.module=0.2", f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
+                      "builtin.prompt_noise.module=0.2", "builtin.report_split=valid",
+                      f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
     assert "built-in base: reusing" in again.stdout + again.stderr
     config = json.loads((tmp_path / "run2" / "config.json").read_text())
     assert config["method"]["name"] == "lora"
@@ -45,7 +50,8 @@ def test_main_job_builds_trains_and_reports(tmp_path, monkeypatch):
     assert (train[0]["weight"], train[1]["weight"]) == (3 * n_add, n_module)
     assert [d["prompt_noise"] for d in train] == [0.0, 0.2]
     assert json.loads((tmp_path / "run2" / "report.json").read_text())["tasks"] == ["add", "module"]
-    assert "| fine-tuned |" in again.stdout
+    assert "| task | valid examples |" in again.stdout
+    assert json.loads((tmp_path / "run2" / "report.json").read_text())["split"] == "valid"
     assert "pre-training the built-in base" not in again.stdout + again.stderr
     assert os.listdir(tmp_path / "cache")  # everything built lives under SFTJAX_CACHE
     # The base's scores are kept per evaluation setting (full on 3 tasks; lora on 2): a sweep scores it once.
@@ -61,7 +67,8 @@ def test_a_bad_task_option_fails_in_one_line_before_building(tmp_path, monkeypat
     for bad, key in (("builtin.tasks=[add,nope]", "builtin.tasks='nope'"),
                      ("builtin.upsample.add=0", "builtin.upsample.add=0.0"),
                      ("builtin.prompt_noise.module=1.5", "builtin.prompt_noise.module=1.5"),
-                     ("builtin.tasks=[add,add]", "builtin.tasks=")):
+                     ("builtin.tasks=[add,add]", "builtin.tasks="),
+                     ("builtin.report_split=train", "builtin.report_split='train'")):
         done = run_train(bad, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
         assert done.returncode == 2, done.stderr[-2000:]
         lines = done.stderr.strip().splitlines()

@@ -2,10 +2,11 @@
 
     python experiments/overfitting/run.py
 
-The `module` task alone (1,248 training texts, ~15 epochs in the main job's 300 steps: it overfits), evaluated on
-its held-out split every 20 steps. Runs: plain; early stopping (patience 3 evaluations on the held-out loss, a
-checkpoint at every evaluation, the best one scored); dropout 0.1 (on each residual branch: attention and MLP
-outputs); prompt noise (20% of prompt tokens replaced at random in every batch: sftjax.data.augment); all three.
+The `module` task alone (1,050 training texts since the validation split: it overfits), evaluated on its
+validation split every 20 steps (before that split existed, on the test split: the committed results). Runs:
+plain; early stopping (patience 3 evaluations on the validation loss, a checkpoint at every evaluation, the best
+one scored); dropout 0.1 (on each residual branch: attention and MLP outputs); prompt noise (20% of prompt tokens
+replaced at random in every batch: sftjax.data.augment); all three.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class BuiltinSection:
     pretrain_batch: int = 32  # rows of pretrain_seq_len tokens per step
     pretrain_seq_len: int = 128  # tokens per pre-training row (the task examples are shorter)
     pretrain_lr: float = 5e-3  # peak learning rate of pre-training (warmup + cosine)
-    train_examples: int = 8000  # labeled training examples per task, at most (module has 1248, first_param 5703)
+    train_examples: int = 8000  # train examples per task, at most (Python 3.11: module has 1050, first_param 5383)
     eval_examples: int = 100  # test (or valid) examples per task scored by generation in the report (at most)
     report_split: str = "test"  # the split the report scores: test | valid (choose settings on valid, not test)
     few_shot: int = 3  # solved examples in front of each prompt for the few-shot baseline

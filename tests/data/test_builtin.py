@@ -22,7 +22,7 @@ from sftjax.data.tokenizer import train_bpe_tokenizer
 MIN_TRAIN = {"module": 1000, "first_param": 2000, "add": 2000}  # CPython 3.10-3.13 hold at least this much
 MIN_HELD = {"valid": {"module": 50, "first_param": 200, "add": 200},
             "test": {"module": 150, "first_param": 200, "add": 200}}
-SPLITS = ("train", "valid", "test")
+SPLITS = tasks_lib.SPLITS
 
 
 def disjoint(sets):

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sftjax.cli.common import expand_shorthands, fail, one_line
+from sftjax.cli.malloc import keep_freed_host_memory
 from sftjax.config import register
 from sftjax.errors import UserError
 
@@ -49,6 +50,7 @@ def main_job_defaults(args: list[str]) -> list[str]:
 
 
 def main() -> None:
+    keep_freed_host_memory()  # before JAX starts its threads: see sftjax/cli/malloc.py
     register()
     sys.argv = [sys.argv[0], *main_job_defaults(expand_shorthands(sys.argv[1:]))]
     # Let configuration errors reach us instead of Hydra's multi-line report; bugs keep their traceback.

@@ -3,8 +3,7 @@
     python experiments/data_efficiency/run.py
 
 The main job (full fine-tuning, 300 steps) with builtin.train_examples = N per task (capped by what the task has:
-module 1,050, first_param 5,383, add 8,000 at N = 8000; the committed results, from before the validation split,
-had 1,248 and 5,703). Same steps for every N: small N means more epochs.
+module 1,050, first_param 5,383, add 8,000 at N = 8000). Same steps for every N: small N means more epochs.
 """
 
 from __future__ import annotations

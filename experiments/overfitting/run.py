@@ -3,7 +3,7 @@
     python experiments/overfitting/run.py
 
 The `module` task alone (1,050 training texts since the validation split: it overfits), evaluated on its
-validation split every 20 steps (before that split existed, on the test split: the committed results). Runs:
+validation split every 20 steps (the test split is scored once, at the end). Runs:
 plain; early stopping (patience 3 evaluations on the validation loss, a checkpoint at every evaluation, the best
 one scored); dropout 0.1 (on each residual branch: attention and MLP outputs); prompt noise (20% of prompt tokens
 replaced at random in every batch: sftjax.data.augment); all three.
@@ -47,8 +47,9 @@ def main() -> None:
               "checkpoint scored (step)", "held-out exact match", "forgetting"]
     text = "\n".join([f"Measured {machine(run_dir)}; `python experiments/overfitting/run.py`.", "",
                       table(header, rows), "",
-                      "Losses are per answer token (nats); the held-out split is module's eval split (195 texts "
-                      "of functions and classes never trained on; 100 of them scored by exact match).", "",
+                      "Losses are per answer token (nats). Held-out loss: module's validation split (74 texts); "
+                      "exact match: its test split (195 texts of functions and classes never trained on, 100 of "
+                      "them scored). Neither shares a function or class with training.", "",
                       "![train and held-out loss](overfitting.png)"])
     if not write_results(HERE, text):
         return
@@ -57,7 +58,7 @@ def main() -> None:
     for i, (name, (ts, tl, es, el)) in enumerate(curves.items()):
         axes[0].plot(ts, tl, color=f"C{i}", alpha=0.8, label=name)
         axes[1].plot(es, el, color=f"C{i}", marker="o", markersize=3, label=name)
-    for ax, title in zip(axes, ("train loss (logged batches)", "held-out loss (module eval split)")):
+    for ax, title in zip(axes, ("train loss (logged batches)", "held-out loss (module validation split)")):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats / answer token)")

@@ -6,8 +6,8 @@ rate x rank) with the same budget (9 runs of 150 steps each): which finds the be
 runs the two sweeps (conf/experiment/lora_grid.yaml, conf/experiment/lora_tpe.yaml):
     sftjax-train -m method=lora experiment=lora_grid
     sftjax-train -m method=lora experiment=lora_tpe
-Both minimise the held-out task loss (trainer.best_metric = eval/loss, what sftjax-train returns to the sweeper);
-the tables also give each run's held-out exact match.
+Both minimise the task loss on the validation splits (trainer.best_metric = eval/loss, what sftjax-train returns to
+the sweeper); the tables also give each run's exact match on the test splits (reported, never used to choose).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SWEEPS = {"grid": "lora_grid", "TPE": "lora_tpe"}
 
 
 def trials(jobs: list[Path]) -> list[dict]:
-    """A sweep's runs (results/ copies, in the order they ran): lr, rank, held-out loss, exact match, seconds."""
+    """A sweep's runs (results/ copies, in the order they ran): lr, rank, validation loss, test exact match, seconds."""
     out = []
     for i, job in enumerate(jobs):
         config = json.loads((job / "config.json").read_text())
@@ -44,9 +44,9 @@ def main() -> None:
         best = min(runs, key=lambda t: t["eval_loss"])
         text += [f"**{label}** (`sftjax-train -m method=lora experiment={experiment}`): {len(runs)} runs, "
                  f"{sum(t['seconds'] for t in runs) / 60:.1f} min in all; best: lr {best['lr']:.2e}, rank "
-                 f"{best['rank']}, held-out loss {best['eval_loss']:.4f}, exact match {pct(best['mean'])} "
+                 f"{best['rank']}, validation loss {best['eval_loss']:.4f}, test exact match {pct(best['mean'])} "
                  f"(run {best['job'] + 1}).", "",
-                 table(["run", "lr", "rank", "held-out loss", "mean exact match", "seconds"],
+                 table(["run", "lr", "rank", "validation loss", "mean test exact match", "seconds"],
                        [[t["job"] + 1, f"{t['lr']:.2e}", t["rank"], f"{t['eval_loss']:.4f}", pct(t["mean"]),
                          f"{t['seconds']:.0f}"] for t in runs]), ""]
     first = found["grid"][0]["dir"]
@@ -61,10 +61,10 @@ def main() -> None:
         axes[1].scatter([t["lr"] for t in runs], [t["eval_loss"] for t in runs], color=f"C{i}", label=label,
                         s=[12 + t["rank"] for t in runs], alpha=0.7)
     axes[0].set_xlabel("runs so far")
-    axes[0].set_ylabel("best held-out loss so far")
+    axes[0].set_ylabel("best validation loss so far")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("learning rate (marker size: rank)")
-    axes[1].set_ylabel("held-out loss")
+    axes[1].set_ylabel("validation loss")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()

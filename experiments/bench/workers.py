@@ -211,5 +211,8 @@ WORKERS = {"prepare": prepare, "peak": peak, "speed": speed, "memory": memory, "
            "scaling": scaling}
 
 if __name__ == "__main__":
+    from sftjax.cli.malloc import keep_freed_host_memory
+
+    keep_freed_host_memory()  # as sftjax-train does (SFTJAX_MALLOC=system: glibc's default); torch shares it
     result = WORKERS[sys.argv[1]](json.loads(sys.argv[2]))
     print("RESULT " + json.dumps(result), flush=True)

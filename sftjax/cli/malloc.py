@@ -21,7 +21,6 @@ JAX will run on the CPU. `SFTJAX_MALLOC=system` turns them off.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.metadata
 import importlib.util
 import os
@@ -52,10 +51,7 @@ def keep_freed_host_memory(environ: Mapping[str, str] = os.environ) -> bool:
         return False
     if not jax_runs_on_cpu(environ):
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the process's own C library
+    if mallopt is None:  # a C library without mallopt
         return False
     return all(mallopt(param, value) == 1 for param, value in SETTINGS)

@@ -21,7 +21,7 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     (js,) = tmp_path.glob("*-quick.json")
     text = md.read_text()
     assert text in proc.stdout  # the same table is printed
-    for title in ("Matmul peak", "Train-step throughput", "Memory", "Compile time", "Scaling"):
+    for title in ("Matmul peak", "Train-step throughput", "Memory", "Compile time", "Scaling", "Matmul floor"):
         assert f"## {title}" in text
     result = json.loads(js.read_text())
     assert set(result["speed"]) == set(MODES) and set(result["memory"]) == set(MODES)
@@ -31,6 +31,8 @@ def test_bench_quick_writes_table_and_json(tmp_path):
         for stack in ("sftjax", "peer"):
             assert speed[stack]["tokens_per_s"] > 0 and 0 < speed[stack]["mfu"]
             assert result["memory"][mode][stack]["peak_rss_mib"] > 0
+        floor = result["floor"][mode]
+        assert floor["floor_s"] > 0 and floor["flops"] > 0 and floor["dots"]
         # Same weights, same batch, same loss: the two stacks train the same model.
         assert abs(speed["sftjax"]["losses"][0] - speed["peer"]["losses"][0]) < 1e-3
     assert not result["memory"]["full"]["sftjax"]["torch_imported"]
@@ -49,7 +51,7 @@ def test_ab_runs_every_variant_and_they_agree():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     variants = [row[0].strip("| ") for row in rows[1:]]
-    assert variants == ["current", "autodiff_linear", "autodiff_glu", "select_mask"]
+    assert variants == ["current", "autodiff_linear", "autodiff_glu", "autodiff_attention", "select_mask"]
     first_losses = [float(row[4].split(" / ")[0]) for row in rows[1:]]
     assert max(first_losses) - min(first_losses) < 1e-5
 
@@ -62,10 +64,12 @@ def test_ab_restores_the_patched_functions():
         sys.path.remove(str(AB.parent))
     from sftjax.model import attention, layers, transformer
 
-    before = (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention)
+    def patchable():
+        return (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention,
+                layers.lora_update)
+
+    before = patchable()
     for variant in ab.VARIANTS:
         with ab.patched(variant):
-            now = (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention)
-            assert (now != before) == (variant != "current")
-    assert (layers.linear, transformer.linear, transformer.gated_activation,
-            attention.dot_product_attention) == before
+            assert (patchable() != before) == (variant != "current")
+    assert patchable() == before

@@ -1,6 +1,7 @@
 """A/B of sftjax train-step variants in one process: compiled side by side, their steps alternating.
 
-    python experiments/bench/ab.py                                   # current vs the three reverted choices, full
+    python experiments/bench/ab.py                                   # current vs four reverted choices, full
+    python experiments/bench/ab.py --mode lora --variants current,lora_scale_output
     python experiments/bench/ab.py --mode lora --variants current,autodiff_linear --steps 12
 
 On a shared or noisy machine two runs of the same step can differ by 10-20% (experiments/bench/README.md), more
@@ -9,10 +10,14 @@ under the same machine state, so their ratio is what changed. Every variant buil
 (`jax_side.Runner`) on the bench config; a variant is the current code with one choice reverted by swapping a
 function before its step is traced:
 
-    current          the code as committed
-    autodiff_linear  linear layers differentiated by JAX (jnp.dot) instead of `layers.linear`'s hand-written VJP
-    autodiff_glu     the GLU as act(gate) * up differentiated by JAX instead of `layers.gated_activation`
-    select_mask      attention masked by a select per layer, as before the additive bias
+    current             the code as committed
+    autodiff_linear     linear layers differentiated by JAX (jnp.dot) instead of `layers.linear`'s hand-written VJP
+    autodiff_glu        the GLU as act(gate) * up differentiated by JAX instead of `layers.gated_activation`
+    autodiff_attention  attention as two einsums differentiated by JAX instead of the hand-written VJP of
+                        `attention.dot_product_attention` (autodiff keeps the float32 probabilities of every layer)
+    select_mask         autodiff_attention, masked by a select per layer instead of the additive bias
+    lora_scale_output   LoRA / QLoRA: the scale applied to the [..., out] product (PEFT's order) instead of the
+                        rank-R intermediate (`layers.lora_update`); the same as current under full fine-tuning
 
 Prints per variant: median step seconds and tokens/s over the steps after --warmup, the loss of the first and
 last step (variants compute the same thing: the losses agree to float32 rounding), and XLA's temp buffer size.
@@ -39,6 +44,17 @@ from sftjax.model import attention, layers, transformer  # noqa: E402
 from sftjax.model.config import PRESETS  # noqa: E402
 
 
+def _autodiff_attention(q, k, v, bias):
+    """dot_product_attention as it was before its hand-written VJP: two einsums in [B, K, G, T, S], autodiff."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) * (H**-0.5)
+    logits = logits.astype(jnp.float32) + bias[:, None, None]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+
+
 def _select_mask_attention(q, k, v, bias):
     """dot_product_attention as it was: where(mask, logits, float32 min) instead of logits + bias."""
     B, T, N, H = q.shape
@@ -56,7 +72,10 @@ VARIANTS = {
     "current": [],
     "autodiff_linear": [(layers, "linear", jnp.dot), (transformer, "linear", jnp.dot)],
     "autodiff_glu": [(transformer, "gated_activation", lambda name, gate, up: layers.activation(name, gate) * up)],
+    "autodiff_attention": [(attention, "dot_product_attention", _autodiff_attention)],
     "select_mask": [(attention, "dot_product_attention", _select_mask_attention)],
+    "lora_scale_output": [(layers, "lora_update", lambda x, a, b, scale: layers.linear(layers.linear(x, a), b)
+                           * jnp.asarray(scale, x.dtype))],
 }
 
 
@@ -75,7 +94,7 @@ def patched(variant: str):
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", default="full", choices=["full", "lora", "qlora"])
-    ap.add_argument("--variants", default="current,autodiff_linear,autodiff_glu,select_mask")
+    ap.add_argument("--variants", default="current,autodiff_linear,autodiff_glu,autodiff_attention,select_mask")
     ap.add_argument("--preset", default="bench-llama")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
@@ -119,4 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from sftjax.cli.malloc import keep_freed_host_memory
+
+    keep_freed_host_memory()  # as sftjax-train does, before JAX starts its threads
     main()

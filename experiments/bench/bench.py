@@ -20,6 +20,8 @@ Sections (--sections), each run in fresh processes by workers.py:
   compile  trace + lower and XLA compile seconds of the first sftjax step at 8 / 16 / 32 layers, scan on / off
   scaling  sftjax tokens/s at fixed tokens per batch (b x T = 2048) for T = 256 .. 2048, and at fixed T = 256
            for b = 1 .. 16, each without and with remat="full"
+  floor    per mode: the matmul floor (floor.py): every matmul of the sftjax step timed alone and summed, the
+           fastest the step could be if nothing else took time; tokens/s there against the peer's measured figure
 
 FLOPs per token (model FLOPs: matmuls only; norms, softmax, RoPE, the loss and the optimizer are not counted).
 With L layers, width D, N query / K kv heads of width H, FFN F, vocabulary V, sequence length T, rank r:
@@ -59,7 +61,7 @@ import report
 
 HERE = Path(__file__).resolve().parent
 MODES = ("full", "lora", "qlora")
-SECTIONS = ("peak", "speed", "memory", "compile", "scaling")
+SECTIONS = ("peak", "speed", "memory", "compile", "scaling", "floor")
 STACKS = ("sftjax", "peer")
 LORA = {"rank": 16, "alpha": 32.0, "lr": 1e-4}
 SEED = 0
@@ -72,7 +74,7 @@ SETTINGS = {
         "depths": [8, 16, 32], "compile_modes": ["full", "qlora"],
         "seq_sweep": [(8, 256), (4, 512), (2, 1024), (1, 2048)],
         "batch_sweep": [(1, 256), (2, 256), (4, 256), (8, 256), (16, 256)],
-        "scaling_steps": 2, "scaling_warmup": 1,
+        "scaling_steps": 2, "scaling_warmup": 1, "floor_reps": 5,
     },
     "quick": {
         "preset": "tiny-llama", "overrides": {"num_layers": 2}, "batch": 2, "seq": 32, "steps": 1, "warmup": 1,
@@ -80,7 +82,7 @@ SETTINGS = {
         "depths": [1], "compile_modes": ["full"],
         "seq_sweep": [(2, 16), (1, 32)],
         "batch_sweep": [(1, 32)],
-        "scaling_steps": 1, "scaling_warmup": 1,
+        "scaling_steps": 1, "scaling_warmup": 1, "floor_reps": 1,
     },
 }
 
@@ -190,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
             results["scaling"] = run_worker("scaling", {**base, "mode": args.modes[0], "shapes": shapes,
                                                         "remats": ["none", "full"], "steps": s["scaling_steps"],
                                                         "warmup": s["scaling_warmup"]})
+        if "floor" in args.sections:
+            results["floor"] = {m: run_worker("floor", {**base, "mode": m, "reps": s["floor_reps"]})
+                                for m in args.modes}
     finally:
         shutil.rmtree(hf_dir, ignore_errors=True)
     results["load_after"] = os.getloadavg()
@@ -221,6 +226,14 @@ def add_flops(results: dict[str, Any], s: dict[str, Any]) -> None:
         r["ratio"] = r["sftjax"]["tokens_per_s"] / r["peer"]["tokens_per_s"]
         for stack in STACKS:
             r[stack]["mfu"] = mfu(r["flops_per_token"], r[stack]["tokens_per_s"])
+    for mode, f in results.get("floor", {}).items():
+        f["tokens_per_s"] = s["batch"] * s["seq"] / f["floor_s"]
+        f["gflops_per_s"] = f["flops"] / f["floor_s"] / 1e9
+        measured = results.get("speed", {}).get(mode)
+        if measured:
+            f["vs_peer"] = f["tokens_per_s"] / measured["peer"]["tokens_per_s"]
+            f["share_of_step"] = f["floor_s"] / measured["sftjax"]["step_s"]
+            f["peer_x125_step_s"] = s["batch"] * s["seq"] / (1.25 * measured["peer"]["tokens_per_s"])
     scaling = results.get("scaling")
     if scaling:
         for row in scaling["rows"]:

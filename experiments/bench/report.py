@@ -126,10 +126,23 @@ def scaling(r: dict[str, Any]) -> list[str]:
             "MFU here counts attention FLOPs at each row's sequence length (12 L T N H per token)."]
 
 
+def floor(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for mode, f in r["floor"].items():
+        rows.append([mode, _f(f["flops"] / 1e9, 1), f"{f['floor_s']:.3f}", _f(f["gflops_per_s"]),
+                     _f(f["tokens_per_s"]), f"**{f['vs_peer']:.2f}x**" if "vs_peer" in f else "-",
+                     _pct(f.get("share_of_step")), f"{f['peer_x125_step_s']:.3f}" if "peer_x125_step_s" in f else "-"])
+    return ["", "## Matmul floor of the sftjax step", "",
+            ("Every matmul of the step (forward, backward, attention's recomputation; experiments/bench/floor.py) "
+             "timed alone through jax and summed: the fastest the step could run if nothing else took time."), "",
+            *_table(["mode", "matmul GFLOP per step", "floor s", "GFLOP/s at the floor", "tokens/s at the floor",
+                     "floor / peer tokens/s", "floor / sftjax step", "step s for 1.25x the peer"], rows)]
+
+
 def markdown(r: dict[str, Any]) -> str:
     lines = header(r)
     for key, fn in (("peak", peak), ("speed", speed), ("memory", memory), ("compile", compile_time),
-                    ("scaling", scaling)):
-         if key in r:
-             lines += fn(r)
+                    ("scaling", scaling), ("floor", floor)):
+        if key in r:
+            lines += fn(r)
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@
     memory    one (stack, mode) alone: RSS after imports, peak RSS (ru_maxrss), parameter / optimizer bytes
     compile   sftjax step trace + lower and XLA compile seconds against depth, scan over layers on / off
     scaling   sftjax tokens/s against batch shape and remat; XLA's temp buffer bytes per setting
+    floor     one mode: every matmul of the sftjax step timed alone (floor.py), summed
 
 A separate process per speed mode and per memory (stack, mode) keeps peaks apart and every stack's first step cold.
 """
@@ -207,8 +208,14 @@ def scaling(p: dict[str, Any]) -> dict[str, Any]:
     return {"mode": p["mode"], "rows": rows}
 
 
+def matmul_floor(p: dict[str, Any]) -> dict[str, Any]:
+    import floor
+
+    return floor.matmul_floor(p["model"], p["mode"], p["batch"], p["seq"], p["rank"], p["reps"])
+
+
 WORKERS = {"prepare": prepare, "peak": peak, "speed": speed, "memory": memory, "compile": compile_sweep,
-           "scaling": scaling}
+           "scaling": scaling, "floor": matmul_floor}
 
 if __name__ == "__main__":
     from sftjax.cli.malloc import keep_freed_host_memory

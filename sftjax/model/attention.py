@@ -48,18 +48,79 @@ def mask_bias(mask: jax.Array) -> jax.Array:
     return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
+def _heads_first(x: jax.Array, groups: int) -> jax.Array:
+    """[B, T, K*G, H] -> [B, K, G, T, H]: each (key head, group) a contiguous [T, H] matrix."""
+    B, T, N, H = x.shape
+    return x.reshape(B, T, N // groups, groups, H).transpose(0, 2, 3, 1, 4)
+
+
+def _heads_last(x: jax.Array) -> jax.Array:
+    """[B, K, G, T, H] -> [B, T, K*G, H] (inverse of `_heads_first`)."""
+    B, K, G, T, H = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
+
+
+def _logits(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
+    """q [B, K, G, T, H], k [B, K, S, H], bias [B, T, S] -> float32 logits [B, K, G, T, S] (scaled, biased)."""
+    scale = q.shape[-1] ** -0.5
+    return jnp.einsum("bkgth,bksh->bkgts", q, k).astype(jnp.float32) * scale + bias[:, None, None]
+
+
+def _attention(q, k, v, bias):
+    """The forward pass; returns (out [B, T, N, H], log-sum-exp of each query's logits [B, K, G, T])."""
+    K = k.shape[2]
+    qh, kh, vh = _heads_first(q, q.shape[2] // K), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    logits = _logits(qh, kh, bias)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    exp = jnp.exp(logits - top)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    probs = (exp / total).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, vh)
+    return _heads_last(out), (top + jnp.log(total))[..., 0]
+
+
+@jax.custom_vjp
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(H) + bias) v; logits and softmax in float32.
 
     q [B, T, N, H], k and v [B, S, K, H], bias [B, T, S] (`mask_bias`) -> [B, T, N, H]
+
+    Computed per (batch, key head) as matmuls over [G*T, H] x [H, S] with the query groups stacked along the
+    rows, so the [B, K, G, T, S] logits and probabilities are never transposed (only q, k, v and the output
+    are, which are T/H times smaller). The backward pass is written out (as flash attention's): it saves q, k,
+    v, the output and the log-sum-exp [B, K, G, T] instead of the probabilities, and recomputes them:
+
+        P  = exp(logits - lse)                  dV = P^T dO
+        dP = dO V^T                             dS = P * (dP - rowsum(dO * O)) / sqrt(H)
+        dQ = dS K                               dK = dS^T Q
+
+    Autodiff kept the float32 probabilities of every layer (stacked over the layer scan) and transposed the
+    logits' gradient before the dQ / dK matmuls. No gradient flows to the bias (a mask).
     """
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) * (H**-0.5)
-    logits = logits.astype(jnp.float32) + bias[:, None, None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+    return _attention(q, k, v, bias)[0]
+
+
+def _attention_fwd(q, k, v, bias):
+    out, lse = _attention(q, k, v, bias)
+    return out, (q, k, v, bias, out, lse)
+
+
+def _attention_bwd(residuals, d_out):
+    q, k, v, bias, out, lse = residuals
+    groups = q.shape[2] // k.shape[2]
+    qh, kh, vh = _heads_first(q, groups), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    do, oh = _heads_first(d_out, groups), _heads_first(out, groups)  # [B, K, G, T, H]
+    probs = jnp.exp(_logits(qh, kh, bias) - lse[..., None])  # [B, K, G, T, S] float32
+    dv = jnp.einsum("bkgts,bkgth->bksh", probs.astype(v.dtype), do)
+    dp = jnp.einsum("bkgth,bksh->bkgts", do, vh).astype(jnp.float32)
+    delta = jnp.sum(do.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = (probs * (dp - delta) * q.shape[-1] ** -0.5).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bksh->bkgth", ds, kh)
+    dk = jnp.einsum("bkgts,bkgth->bksh", ds, qh)
+    return _heads_last(dq), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3), jnp.zeros_like(bias)
+
+
+dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Attention(nn.Module):

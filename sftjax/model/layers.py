@@ -52,13 +52,23 @@ def _linear_bwd(residuals, g):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
+def lora_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """The LoRA term (x @ a * scale) @ b: x [..., in], a [in, R], b [R, out] -> [..., out].
+
+    The scale multiplies the rank-R intermediate, not the [..., out] product as PEFT writes it (x @ a @ b * scale):
+    the same value up to rounding, without an elementwise pass over the layer's output in the forward pass and
+    over its gradient in the backward pass.
+    """
+    return linear(linear(x, a) * jnp.asarray(scale, x.dtype), b)
+
+
 class Dense(nn.Module):
     """y = x @ kernel (+ bias) (+ LoRA). The one linear layer of the model. Its parameters:
 
         kernel  [in, out]   float, stored in param_dtype, applied in the compute dtype; or instead
         qkernel {codes, ...} the same weight quantized to 4 bits (`sftjax.peft.quant`), dequantized on the fly
         bias    [out]       when use_bias
-        lora_a  [in, R], lora_b [R, out]   optional LoRA adapter: y += lora_scale * dropout(x) @ lora_a @ lora_b
+        lora_a  [in, R], lora_b [R, out]   optional LoRA adapter: y += (dropout(x) @ lora_a * lora_scale) @ lora_b
 
     The base paths stay the same with or without an adapter, so the HF name maps never fork. LoRA dropout
     (cfg.lora_dropout) is active only when a "dropout" rng is given (training).
@@ -87,7 +97,7 @@ class Dense(nn.Module):
             b = self.get_variable("params", "lora_b").astype(dtype)  # [R, out]
             if cfg.lora_dropout > 0 and self.has_rng("dropout"):
                 x = nn.Dropout(cfg.lora_dropout, deterministic=False, name="lora_dropout")(x)
-            y = y + linear(linear(x, a), b) * jnp.asarray(cfg.lora_scale, dtype)
+            y = y + lora_update(x, a, b, cfg.lora_scale)
         return y
 
 

@@ -13,7 +13,8 @@ once per forward pass: an addition needs nothing saved for the backward pass, wh
 its mask broadcast to every head as a residual.
 
 Grouped-query attention: N query heads share K key/value heads in G = N // K groups, computed without repeating
-the keys: `BTKGH,BSKH->BKGTS`.
+the keys: per (batch row, key head), the G query heads' rows stacked into one [G*T, H] matrix. Its backward pass
+is written out (`dot_product_attention`).
 """
 
 from __future__ import annotations

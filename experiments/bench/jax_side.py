@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sftjax.config import (
@@ -125,14 +124,6 @@ def sftjax_batch(tokens: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarra
 
 def matmul_peak(n: int, reps: int) -> float:
     """Median GFLOP/s of a jitted float32 [n, n] @ [n, n] (default matmul precision, as the train step)."""
-    dot = jax.jit(jnp.dot)
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    for _ in range(2):
-        dot(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        dot(a, b).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / float(np.median(times)) / 1e9
+    from floor import NN, Dot, time_dot
+
+    return 2 * n**3 / time_dot(Dot("peak", (n, n), (n, n), NN, 1), reps) / 1e9

@@ -51,7 +51,8 @@ def test_ab_runs_every_variant_and_they_agree():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     variants = [row[0].strip("| ") for row in rows[1:]]
-    assert variants == ["current", "autodiff_linear", "autodiff_glu", "autodiff_attention", "select_mask"]
+    assert variants == ["current", "autodiff_linear", "autodiff_glu", "autodiff_attention", "no_causal_blocks",
+                        "select_mask"]
     first_losses = [float(row[4].split(" / ")[0]) for row in rows[1:]]
     assert max(first_losses) - min(first_losses) < 1e-5
 
@@ -66,7 +67,7 @@ def test_ab_restores_the_patched_functions():
 
     def patchable():
         return (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention,
-                layers.lora_update)
+                attention.causal_attention, layers.lora_update)
 
     before = patchable()
     for variant in ab.VARIANTS:

@@ -1,6 +1,6 @@
 """A/B of sftjax train-step variants in one process: compiled side by side, their steps alternating.
 
-    python experiments/bench/ab.py                                   # current vs four reverted choices, full
+    python experiments/bench/ab.py                                   # current vs five reverted choices, full
     python experiments/bench/ab.py --mode lora --variants current,lora_scale_output
     python experiments/bench/ab.py --mode lora --variants current,autodiff_linear --steps 12
 
@@ -14,7 +14,10 @@ function before its step is traced:
     autodiff_linear     linear layers differentiated by JAX (jnp.dot) instead of `layers.linear`'s hand-written VJP
     autodiff_glu        the GLU as act(gate) * up differentiated by JAX instead of `layers.gated_activation`
     autodiff_attention  attention as two einsums differentiated by JAX instead of the hand-written VJP of
-                        `attention.dot_product_attention` (autodiff keeps the float32 probabilities of every layer)
+                        `attention.dot_product_attention` (autodiff keeps the float32 probabilities of every layer;
+                        still in causal blocks)
+    no_causal_blocks    attention over all T x T query-key pairs instead of `attention.causal_attention`'s
+                        blocks of 128 queries that skip the masked upper triangle of blocks
     select_mask         autodiff_attention, masked by a select per layer instead of the additive bias
     lora_scale_output   LoRA / QLoRA: the scale applied to the [..., out] product (PEFT's order) instead of the
                         rank-R intermediate (`layers.lora_update`); the same as current under full fine-tuning
@@ -73,6 +76,8 @@ VARIANTS = {
     "autodiff_linear": [(layers, "linear", jnp.dot), (transformer, "linear", jnp.dot)],
     "autodiff_glu": [(transformer, "gated_activation", lambda name, gate, up: layers.activation(name, gate) * up)],
     "autodiff_attention": [(attention, "dot_product_attention", _autodiff_attention)],
+    "no_causal_blocks": [(attention, "causal_attention", lambda q, k, v, bias: attention.dot_product_attention(
+        q, k, v, bias))],
     "select_mask": [(attention, "dot_product_attention", _select_mask_attention)],
     "lora_scale_output": [(layers, "lora_update", lambda x, a, b, scale: layers.linear(layers.linear(x, a), b)
                            * jnp.asarray(scale, x.dtype))],
@@ -94,7 +99,8 @@ def patched(variant: str):
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", default="full", choices=["full", "lora", "qlora"])
-    ap.add_argument("--variants", default="current,autodiff_linear,autodiff_glu,autodiff_attention,select_mask")
+    ap.add_argument("--variants", default="current,autodiff_linear,autodiff_glu,autodiff_attention,"
+                                          "no_causal_blocks,select_mask")
     ap.add_argument("--preset", default="bench-llama")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)

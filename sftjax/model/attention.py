@@ -124,6 +124,27 @@ def _attention_bwd(residuals, d_out):
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+CAUSAL_BLOCK = 128  # query rows per block of `causal_attention`
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                     block: int = CAUSAL_BLOCK) -> jax.Array:
+    """`dot_product_attention` when queries and keys are the same T positions and the bias is causal (key s masked
+    for query t whenever s > t), as in training: the queries in blocks of `block` rows, each over the keys up to
+    its last row. The keys a block skips are masked for all its rows (weight exactly 0), so the result is the
+    same up to summation order; with n blocks it does (n + 1) / 2n of the work (3/4 at T = 256: 1.03x on the
+    benchmark's full step).
+
+    q [B, T, N, H], k and v [B, T, K, H], bias [B, T, T] -> [B, T, N, H]
+    """
+    T = q.shape[1]
+    if T <= block:
+        return dot_product_attention(q, k, v, bias)
+    outs = [dot_product_attention(q[:, a:a + block], k[:, :a + block], v[:, :a + block],
+                                  bias[:, a:a + block, :a + block]) for a in range(0, T, block)]
+    return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
     """Self-attention of one layer. Parameters: q_proj, k_proj, v_proj, o_proj (+ q_norm, k_norm for Qwen3)."""
 
@@ -151,5 +172,8 @@ class Attention(nn.Module):
             k_cache, v_cache = kv_cache
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias)
+        if kv_cache is None:  # the T positions 0 .. T-1 over themselves: a causal mask (see module docstring)
+            out = causal_attention(q, k, v, bias)
+        else:
+            out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias)
         return Dense(cfg.hidden_size, cfg.o_bias, cfg, name="o_proj")(out.reshape(B, T, N * H)), (k, v)

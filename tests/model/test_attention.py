@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sftjax.model.attention import attention_mask, dot_product_attention, mask_bias
+from sftjax.model.attention import attention_mask, causal_attention, dot_product_attention, mask_bias, window_mask
 
 
 def reference_attention(q, k, v, bias):
@@ -86,3 +86,26 @@ def test_no_gradient_reaches_the_bias():
     q, k, v, bias = _inputs(2, 4, 4, 2, 1, 4, jnp.float32)
     grad = jax.grad(lambda b: jnp.sum(dot_product_attention(q, k, v, b)))(bias)
     assert grad.shape == bias.shape and not np.any(np.asarray(grad))
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("block", [8, 7, 64])  # 3 blocks of 8, 8 and 4 rows; 3 blocks of 7, 7 and 6; one block
+def test_causal_blocks_equal_full_attention(window, block):
+    """`causal_attention` (query blocks over the keys up to each block's end) equals attention over all pairs, in
+    value and gradient, for packed segments, padding and a sliding window (masks that are all causal)."""
+    q, k, v, bias = _inputs(2, 20, 20, 4, 2, 8, jnp.float32)
+    if window:
+        index = jnp.arange(20)
+        bias = jnp.minimum(bias, mask_bias(window_mask(index, index, jnp.asarray(window)))[None])
+    probe = _normal(9, q.shape)
+
+    def loss(attention):
+        return lambda q, k, v: jnp.sum(attention(q, k, v, bias) * probe)
+
+    ours = causal_attention(q, k, v, bias, block=block)
+    ref = dot_product_attention(q, k, v, bias)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6 * float(jnp.abs(ref).max()))
+    grads = jax.grad(loss(lambda *a: causal_attention(*a, block=block)), argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(loss(dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-6 * float(jnp.abs(r).max()), err_msg=name)

@@ -13,7 +13,8 @@ lm_head, with M = B*T rows, in/out the widths of each linear layer, R the LoRA r
     LoRA adapter (LoRA / QLoRA, each target)       forward [M, in] @ [in, R], [M, R] @ [R, out]; backward
                                                    [M, out] @ [R, out]^T, [M, R]^T @ [M, out], [M, R] @ [in, R]^T,
                                                    [M, in]^T @ [M, R]
-    attention, per (batch row, key head): q [G*T, H], k and v [S, H]
+    attention, per (batch row, key head) and block of up to 128 queries (`causal_attention`): q [G*rows, H],
+                                                   k and v [keys, H], keys = the positions up to the block's end;
                                                    forward q k^T, p v; backward (probabilities recomputed) q k^T,
                                                    p^T dO, dO v^T, dS k, dS^T q
 
@@ -27,6 +28,8 @@ import math
 import statistics
 import time
 from typing import Any, NamedTuple
+
+from sftjax.model.attention import CAUSAL_BLOCK
 
 NN = (((1,), (0,)), ((), ()))  # [m, k] @ [k, n]
 NT = (((1,), (1,)), ((), ()))  # [m, k] @ [n, k]^T
@@ -75,13 +78,15 @@ def step_dots(m: dict[str, Any], mode: str, batch: int, seq: int, rank: int) -> 
                      Dot(f"{name} lora dx", (M, rank), (n_in, rank), NT, L),
                      Dot(f"{name} lora da", (M, n_in), (M, rank), TN, L)]
     bk = batch * K
-    q, kv, p = (bk, G * T, H), (bk, T, H), (bk, G * T, T)
-    dots += [Dot("attention q k^T (forward, and recomputed backward)", q, kv, BNT, 2 * L),
-             Dot("attention p v", p, kv, BNN, L),
-             Dot("attention p^T dO", p, q, BTN, L),
-             Dot("attention dO v^T", q, kv, BNT, L),
-             Dot("attention dS k", p, kv, BNN, L),
-             Dot("attention dS^T q", p, q, BTN, L)]
+    for start in range(0, T, CAUSAL_BLOCK):  # `causal_attention`: a block of queries over the keys up to its end
+        rows, keys = min(CAUSAL_BLOCK, T - start), min(start + CAUSAL_BLOCK, T)
+        q, kv, p = (bk, G * rows, H), (bk, keys, H), (bk, G * rows, keys)
+        dots += [Dot(f"attention q k^T (forward, and recomputed backward), keys {keys}", q, kv, BNT, 2 * L),
+                 Dot(f"attention p v, keys {keys}", p, kv, BNN, L),
+                 Dot(f"attention p^T dO, keys {keys}", p, q, BTN, L),
+                 Dot(f"attention dO v^T, keys {keys}", q, kv, BNT, L),
+                 Dot(f"attention dS k, keys {keys}", p, kv, BNN, L),
+                 Dot(f"attention dS^T q, keys {keys}", p, q, BTN, L)]
     linear("lm_head", D, V, 1, mode == "full")
     return dots
 

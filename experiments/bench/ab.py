@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -47,25 +48,17 @@ from sftjax.model import attention, layers, transformer  # noqa: E402
 from sftjax.model.config import PRESETS  # noqa: E402
 
 
-def _autodiff_attention(q, k, v, bias):
-    """dot_product_attention as it was before its hand-written VJP: two einsums in [B, K, G, T, S], autodiff."""
+def _autodiff_attention(q, k, v, bias, select=False):
+    """dot_product_attention as it was before its hand-written VJP: two einsums in [B, K, G, T, S], autodiff.
+    select=True: masked by where(bias == 0, logits, float32 min), as before the additive bias."""
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) * (H**-0.5)
-    logits = logits.astype(jnp.float32) + bias[:, None, None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
-
-
-def _select_mask_attention(q, k, v, bias):
-    """dot_product_attention as it was: where(mask, logits, float32 min) instead of logits + bias."""
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) * (H**-0.5)
-    mask = (bias == 0)[:, None, None]
-    logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    logits = (jnp.einsum("BTKGH,BSKH->BKGTS", q, k) * (H**-0.5)).astype(jnp.float32)
+    if select:
+        logits = jnp.where((bias == 0)[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    else:
+        logits = logits + bias[:, None, None]
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
 
@@ -78,7 +71,7 @@ VARIANTS = {
     "autodiff_attention": [(attention, "dot_product_attention", _autodiff_attention)],
     "no_causal_blocks": [(attention, "causal_attention", lambda q, k, v, bias: attention.dot_product_attention(
         q, k, v, bias))],
-    "select_mask": [(attention, "dot_product_attention", _select_mask_attention)],
+    "select_mask": [(attention, "dot_product_attention", functools.partial(_autodiff_attention, select=True))],
     "lora_scale_output": [(layers, "lora_update", lambda x, a, b, scale: layers.linear(layers.linear(x, a), b)
                            * jnp.asarray(scale, x.dtype))],
 }

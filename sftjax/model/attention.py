@@ -61,6 +61,11 @@ def _heads_last(x: jax.Array) -> jax.Array:
     return x.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
 
 
+def _heads(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, T, N, H], k and v [B, S, K, H] -> q [B, K, G, T, H], k and v [B, K, S, H]."""
+    return _heads_first(q, q.shape[2] // k.shape[2]), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
 def _logits(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
     """q [B, K, G, T, H], k [B, K, S, H], bias [B, T, S] -> float32 logits [B, K, G, T, S] (scaled, biased)."""
     scale = q.shape[-1] ** -0.5
@@ -69,8 +74,7 @@ def _logits(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
 
 def _attention(q, k, v, bias):
     """The forward pass; returns (out [B, T, N, H], log-sum-exp of each query's logits [B, K, G, T])."""
-    K = k.shape[2]
-    qh, kh, vh = _heads_first(q, q.shape[2] // K), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    qh, kh, vh = _heads(q, k, v)
     logits = _logits(qh, kh, bias)
     top = jnp.max(logits, axis=-1, keepdims=True)
     exp = jnp.exp(logits - top)
@@ -108,8 +112,8 @@ def _attention_fwd(q, k, v, bias):
 
 def _attention_bwd(residuals, d_out):
     q, k, v, bias, out, lse = residuals
-    groups = q.shape[2] // k.shape[2]
-    qh, kh, vh = _heads_first(q, groups), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    qh, kh, vh = _heads(q, k, v)
+    groups = qh.shape[2]
     do, oh = _heads_first(d_out, groups), _heads_first(out, groups)  # [B, K, G, T, H]
     probs = jnp.exp(_logits(qh, kh, bias) - lse[..., None])  # [B, K, G, T, S] float32
     dv = jnp.einsum("bkgts,bkgth->bksh", probs.astype(v.dtype), do)
@@ -118,7 +122,8 @@ def _attention_bwd(residuals, d_out):
     ds = (probs * (dp - delta) * q.shape[-1] ** -0.5).astype(q.dtype)
     dq = jnp.einsum("bkgts,bksh->bkgth", ds, kh)
     dk = jnp.einsum("bkgts,bkgth->bksh", ds, qh)
-    return _heads_last(dq), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3), jnp.zeros_like(bias)
+    # None: a zero cotangent for the bias (a mask), which JAX materialises only if someone asks for it
+    return _heads_last(dq), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3), None
 
 
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -82,7 +82,7 @@ def test_attention_inside_jit_scan_and_remat():
 
 
 def test_no_gradient_reaches_the_bias():
-    """The bias is a mask: its cotangent is zero, by design (the hand-written backward pass returns zeros)."""
+    """The bias is a mask: its cotangent is zero, by design (the hand-written backward pass returns none)."""
     q, k, v, bias = _inputs(2, 4, 4, 2, 1, 4, jnp.float32)
     grad = jax.grad(lambda b: jnp.sum(dot_product_attention(q, k, v, b)))(bias)
     assert grad.shape == bias.shape and not np.any(np.asarray(grad))

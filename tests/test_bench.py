@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "bench.py"
 MODES = ("full", "lora", "qlora")
 
@@ -38,6 +40,73 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     assert not result["memory"]["full"]["sftjax"]["torch_imported"]
     assert {(r["scan_layers"]) for r in result["compile"]["rows"]} == {True, False}
     assert {r["remat"] for r in result["scaling"]["rows"]} == {"none", "full"}
+
+
+def test_bench_bf16_path_runs_on_cpu(tmp_path):
+    """--precision bf16 (the GPU setting) on CPU: both stacks train in bf16 mixed precision, the peak is bfloat16,
+    the result is named -bf16, and the two stacks' first losses agree to bf16 rounding (0.05 on a loss of ~7)."""
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--precision", "bf16", "--sections",
+                           "peak,speed,memory", "--modes", "full,lora", "--results-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (js,) = tmp_path.glob("*-bf16-quick.json")
+    result = json.loads(js.read_text())
+    assert result["peak"]["dtype"] == "bfloat16" and result["settings"]["precision"] == "bf16"
+    assert "## Matmul peak (bfloat16)" in proc.stdout and "bf16 mixed precision" in proc.stdout
+    for mode in ("full", "lora"):
+        speed = result["speed"][mode]
+        assert speed["peer_setup"]["precision"] == "bf16"
+        assert abs(speed["sftjax"]["losses"][0] - speed["peer"]["losses"][0]) < 0.05
+        assert result["memory"][mode]["sftjax"]["device_peak_bytes"] is None  # CPU: no device memory figure
+    mem = result["memory"]
+    assert mem["full"]["sftjax"]["trainable_bytes"] == mem["full"]["peer"]["trainable_bytes"]  # float32 masters
+    assert mem["lora"]["sftjax"]["frozen_bytes"] < mem["full"]["sftjax"]["trainable_bytes"] / 1.5  # bf16 base
+
+
+def test_bench_gpu_platform_without_a_gpu_stops_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--platform", "gpu", "--sections", "peak",
+                           "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "--platform gpu, but jax runs on cpu" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def _import_bench():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    return bench
+
+
+def test_model_dir_is_reused_for_the_same_model_and_never_replaced(tmp_path, monkeypatch):
+    bench = _import_bench()
+    calls = []
+    monkeypatch.setattr(bench, "run_worker", lambda name, payload: calls.append(name) or {"model": {"v": 1}})
+    preset = {"preset": "tiny-llama", "overrides": {}}
+    base = {"seed": 0}
+    keep = tmp_path / "kept"
+    assert bench._prepare(base, preset, keep.parent / "missing") == {"model": {"v": 1}}  # a new directory
+    keep.mkdir()
+    first = bench._prepare(base, preset, keep)
+    assert bench._prepare(base, preset, keep) == first and calls == ["prepare", "prepare"]  # reused
+    with pytest.raises(SystemExit, match="holds .* not"):
+        bench._prepare(base, {"preset": "bench-llama", "overrides": {}}, keep)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "file").write_text("mine")
+    with pytest.raises(SystemExit, match="not empty"):
+        bench._prepare(base, preset, other)
+    assert (other / "file").read_text() == "mine"
+
+
+def test_results_never_replace_an_earlier_one(tmp_path):
+    bench = _import_bench()
+    assert bench._free_stem(tmp_path, "x") == "x"
+    (tmp_path / "x.md").write_text("")
+    (tmp_path / "x-2.json").write_text("")
+    assert bench._free_stem(tmp_path, "x") == "x-3"
 
 
 AB = BENCH.parent / "ab.py"

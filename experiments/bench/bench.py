@@ -3,6 +3,8 @@
     python experiments/bench/bench.py                       # everything, bench config (about 12 min on 2 cores)
     python experiments/bench/bench.py --quick               # tiny config, 1 step each: checks that it runs
     python experiments/bench/bench.py --sections speed,memory --modes lora,qlora --steps 8 --warmup 2
+    python experiments/bench/bench.py --platform gpu         # GPU: Llama 3.2 1B architecture, bf16 mixed precision
+
 
 Bench config (REFERENCE.md): Llama, vocab 8192, width 512, 8 layers, 8 query / 2 kv heads, FFN 1408, untied,
 seq 256, batch 8, float32; LoRA r=16 alpha=32 dropout 0 on q,k,v,o,gate,up,down; AdamW (lr 1e-4, no weight decay,
@@ -38,7 +40,16 @@ With L layers, width D, N query / K kv heads of width H, FFN F, vocabulary V, se
 MFU = FLOPs per token x tokens/s / the jax matmul peak of the same machine (both stacks against the same peak).
 For the bench config N_mm = 26.74M: full 173.0 MFLOP/token, lora / qlora 126.5 MFLOP/token.
 
-Results: a markdown table on stdout, and results/<date>-<machine>.md + .json (or --results-dir).
+On a GPU (--platform gpu): the `llama-3.2-1b` preset (the Llama 3.2 1B architecture, random weights; vocab
+128256, width 2048, 16 layers, 32 query / 8 kv heads, FFN 8192, tied), batch 4 x seq 1024, --precision bf16 (the
+default there: what the HF Trainer's bf16=True does, see jax_side.py / torch_side.py), the bfloat16 matmul peak
+([8192, 8192] @ [8192, 8192]), and in the memory section each stack's peak device memory (jax: the allocator's
+peak_bytes_in_use; torch: max_memory_allocated). Sections peak, speed and memory by default. `--model-dir DIR`
+keeps the random HF directory (5 GB at 1B in float32) for the next invocation, so the sections can run as separate
+commands. --precision bf16 also runs on CPU (tests/test_bench.py checks the bf16 path of both stacks there).
+
+Results: a markdown table on stdout, and results/<date>-<HHMM>-<machine>.md + .json (or --results-dir); a result
+never replaces another.
 """
 
 from __future__ import annotations
@@ -62,6 +73,8 @@ import report
 HERE = Path(__file__).resolve().parent
 MODES = ("full", "lora", "qlora")
 SECTIONS = ("peak", "speed", "memory", "compile", "scaling", "floor")
+GPU_SECTIONS = ("peak", "speed", "memory")  # the default with --platform gpu
+PRECISIONS = ("float32", "bf16")
 STACKS = ("sftjax", "peer")
 LORA = {"rank": 16, "alpha": 32.0, "lr": 1e-4}
 SEED = 0
@@ -84,6 +97,15 @@ SETTINGS = {
         "batch_sweep": [(1, 32)],
         "scaling_steps": 1, "scaling_warmup": 1, "floor_reps": 1,
     },
+    # --platform gpu: the Llama 3.2 1B architecture (random weights), bf16 by default.
+    "gpu": {
+        "preset": "llama-3.2-1b", "overrides": {}, "batch": 4, "seq": 1024, "steps": 10, "warmup": 3,
+        "memory_steps": 2, "peak": {"n": 8192, "reps": 20, "rounds": 3},
+        "depths": [4, 8, 16], "compile_modes": ["full", "qlora"],
+        "seq_sweep": [(8, 512), (4, 1024), (2, 2048), (1, 4096)],
+        "batch_sweep": [(1, 1024), (2, 1024), (4, 1024), (8, 1024)],
+        "scaling_steps": 5, "scaling_warmup": 2, "floor_reps": 10,
+    },
 }
 
 
@@ -99,7 +121,8 @@ def flops_per_token(m: dict[str, Any], mode: str, seq: int, rank: int) -> float:
     return 4 * n_mm + attn + 6 * rank * L * adapter_dims
 
 
-def machine() -> dict[str, Any]:
+def machine(on_gpu: bool = False) -> dict[str, Any]:
+    """CPU model and cores; with on_gpu, the GPU's name and memory (nvidia-smi), which then names the results."""
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         model = re.search(r"Model name:\s*(.+)", lscpu)[1].strip()
@@ -107,7 +130,16 @@ def machine() -> dict[str, Any]:
         model = platform.processor() or "unknown CPU"
     cores = os.cpu_count() or 0
     slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") + f"-{cores}core"
-    return {"cpu": model, "cores": cores, "slug": slug, "python": platform.python_version()}
+    host = {"cpu": model, "cores": cores, "slug": slug, "python": platform.python_version(), "gpu": None}
+    if on_gpu:
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, check=True).stdout.splitlines()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            smi = "unknown GPU"
+        host["gpu"] = smi.strip()
+        host["slug"] = re.sub(r"[^a-z0-9]+", "-", smi.split(",")[0].lower()).strip("-")
+    return host
 
 
 def versions() -> dict[str, str]:
@@ -124,8 +156,10 @@ def versions() -> dict[str, str]:
 
 def run_worker(name: str, payload: dict[str, Any]) -> dict[str, Any]:
     """Run workers.py NAME in a fresh process; its stderr streams through, its RESULT line is returned."""
+    # XLA_PYTHON_CLIENT_PREALLOCATE: on a GPU, jax takes memory as it needs it instead of 75% up front, so the
+    # peer in the same process (speed) has room, and jax's peak device memory is what the step used.
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE / "workers.py"), name, json.dumps(payload)],
                           stdout=subprocess.PIPE, text=True, env=env, cwd=HERE, check=False)
@@ -141,12 +175,20 @@ def run_worker(name: str, payload: dict[str, Any]) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny config, one step each (for tests)")
+    ap.add_argument("--platform", choices=("cpu", "gpu"), default="cpu",
+                    help="cpu: the bench config; gpu: the 1B config in bf16 (both stacks on the GPU)")
+    ap.add_argument("--precision", choices=PRECISIONS, help="float32 (default on cpu) or bf16 (default on gpu)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of full,lora,qlora")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    ap.add_argument("--sections", help="comma-separated subset of " + ",".join(SECTIONS) + " (default: all on cpu, "
+                    + ",".join(GPU_SECTIONS) + " on gpu)")
+    ap.add_argument("--model-dir", type=Path, help="write the random HF model directory here and keep it; reused "
+                    "when it holds the same preset and seed (default: a temporary directory)")
     ap.add_argument("--steps", type=int, help="measured steps per stack and mode (speed)")
     ap.add_argument("--warmup", type=int, help="warm-up steps before measuring (speed; the first compiles)")
     ap.add_argument("--results-dir", type=Path, default=HERE / "results", help="where the .md and .json go")
     args = ap.parse_args(argv)
+    args.precision = args.precision or ("bf16" if args.platform == "gpu" else "float32")
+    args.sections = args.sections or ",".join(GPU_SECTIONS if args.platform == "gpu" else SECTIONS)
     for name, allowed in (("modes", MODES), ("sections", SECTIONS)):
         chosen = [x for x in getattr(args, name).split(",") if x]
         bad = [x for x in chosen if x not in allowed]
@@ -158,25 +200,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    s = dict(SETTINGS["quick" if args.quick else "real"])
+    s = dict(SETTINGS["quick" if args.quick else "gpu" if args.platform == "gpu" else "real"])
     s["steps"] = args.steps or s["steps"]
     s["warmup"] = s["warmup"] if args.warmup is None else args.warmup
+    s["platform"], s["precision"] = args.platform, args.precision
     started = time.perf_counter()
-    host = machine()
+    host = machine(args.platform == "gpu")
     results: dict[str, Any] = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": host, "versions": versions(), "quick": args.quick,
         "command": " ".join(["python experiments/bench/bench.py", *(sys.argv[1:] if argv is None else argv)]),
         "load_before": os.getloadavg(), "settings": {**s, "lora": LORA, "modes": args.modes},
     }
-    hf_dir = Path(tempfile.mkdtemp(prefix="sftjax-bench-"))
+    hf_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="sftjax-bench-"))
     try:
-        base = {"hf_dir": str(hf_dir / "model"), "seed": SEED, "batch": s["batch"], "seq": s["seq"], **LORA}
-        prep = run_worker("prepare", {**base, "model": _preset(s)})
+        base = {"hf_dir": str(hf_dir / "model"), "seed": SEED, "batch": s["batch"], "seq": s["seq"],
+                "platform": args.platform, "precision": args.precision, **LORA}
+        prep = _prepare(base, _preset(s), hf_dir if args.model_dir else None)
         base["model"] = prep["model"]
         results["model"] = {**prep["model"], "num_params": prep["num_params"]}
         if "peak" in args.sections:
-            results["peak"] = run_worker("peak", s["peak"])
+            results["peak"] = run_worker("peak", {**s["peak"], "platform": args.platform,
+                                                  "precision": args.precision})
         if "speed" in args.sections:
             results["speed"] = {m: run_worker("speed", {**base, "mode": m, "steps": s["steps"],
                                                         "warmup": s["warmup"]}) for m in args.modes}
@@ -196,14 +241,17 @@ def main(argv: list[str] | None = None) -> None:
             results["floor"] = {m: run_worker("floor", {**base, "mode": m, "reps": s["floor_reps"]})
                                 for m in args.modes}
     finally:
-        shutil.rmtree(hf_dir, ignore_errors=True)
+        if not args.model_dir:
+            shutil.rmtree(hf_dir, ignore_errors=True)
     results["load_after"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - started
     add_flops(results, s)
     text = report.markdown(results)
     print(text)
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['date'][:10]}-{host['slug']}" + ("-quick" if args.quick else "")
+    stem = _free_stem(args.results_dir, f"{results['date'][:10]}-{results['date'][11:].replace(':', '')}-"
+                      f"{host['slug']}" + (f"-{args.precision}" if args.precision != "float32" else "")
+                      + ("-quick" if args.quick else ""))
     (args.results_dir / f"{stem}.md").write_text(text)
     (args.results_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"bench: wrote {args.results_dir / stem}.md and .json ({results['wall_s']:.0f} s)", file=sys.stderr)
@@ -211,6 +259,37 @@ def main(argv: list[str] | None = None) -> None:
 
 def _preset(s: dict[str, Any]) -> dict[str, Any]:
     return {"preset": s["preset"], "overrides": s["overrides"]}
+
+
+def _prepare(base: dict[str, Any], preset: dict[str, Any], keep: Path | None) -> dict[str, Any]:
+    """The prepare worker's result: the random HF directory written now, or (keep: --model-dir) the one an earlier
+    run kept there for the same preset and seed. Another model in --model-dir is refused, never replaced."""
+    if keep is None:
+        return run_worker("prepare", {**base, "model": preset})
+    marker = keep / "bench_model.json"
+    wanted = {"model": preset, "seed": base["seed"]}
+    if marker.is_file():
+        kept = json.loads(marker.read_text())
+        if {"model": kept["model"], "seed": kept["seed"]} != wanted:
+            raise SystemExit(f"bench: --model-dir {keep} holds {kept['model']} seed {kept['seed']}, not "
+                             f"{preset} seed {base['seed']}: choose another directory")
+        print(f"bench: reusing the model in {keep}", file=sys.stderr)
+        return kept["prepared"]
+    if keep.exists() and any(keep.iterdir()):
+        raise SystemExit(f"bench: --model-dir {keep} is not empty and holds no bench_model.json: choose another")
+    keep.mkdir(parents=True, exist_ok=True)
+    prep = run_worker("prepare", {**base, "model": preset})
+    marker.write_text(json.dumps({**wanted, "prepared": prep}) + "\n")
+    return prep
+
+
+def _free_stem(folder: Path, stem: str) -> str:
+    """`stem`, or stem-2, stem-3, ... : the first whose .md and .json do not exist yet."""
+    candidate, n = stem, 1
+    while (folder / f"{candidate}.md").exists() or (folder / f"{candidate}.json").exists():
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
 
 
 def add_flops(results: dict[str, Any], s: dict[str, Any]) -> None:

@@ -18,8 +18,8 @@ lm_head, with M = B*T rows, in/out the widths of each linear layer, R the LoRA r
                                                    forward q k^T, p v; backward (probabilities recomputed) q k^T,
                                                    p^T dO, dO v^T, dS k, dS^T q
 
-Each dot runs on random float32 operands of its exact shape and contraction, jitted alone, median of `reps`
-after two warm-up calls. Dequantization (QLoRA) is not a matmul: QLoRA's floor is LoRA's.
+Each dot runs on random operands of its exact shape and contraction (float32, or bfloat16 under --precision bf16),
+jitted alone, median of `reps` after two warm-up calls. Dequantization (QLoRA) is not a matmul: QLoRA's floor is LoRA's.
 """
 
 from __future__ import annotations
@@ -91,13 +91,12 @@ def step_dots(m: dict[str, Any], mode: str, batch: int, seq: int, rank: int) -> 
     return dots
 
 
-def time_dot(dot: Dot, reps: int) -> float:
-    """Median seconds of one jitted float32 dot_general of this shape (after 2 warm-up calls)."""
+def time_dot(dot: Dot, reps: int, dtype: str = "float32") -> float:
+    """Median seconds of one jitted dot_general of this shape in `dtype` (after 2 warm-up calls)."""
     import jax
-    import jax.numpy as jnp
 
-    lhs = jax.random.normal(jax.random.key(0), dot.lhs, jnp.float32)
-    rhs = jax.random.normal(jax.random.key(1), dot.rhs, jnp.float32)
+    lhs = jax.random.normal(jax.random.key(0), dot.lhs, dtype)
+    rhs = jax.random.normal(jax.random.key(1), dot.rhs, dtype)
     fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dot.dims))
     for _ in range(2):
         fn(lhs, rhs).block_until_ready()
@@ -109,11 +108,13 @@ def time_dot(dot: Dot, reps: int) -> float:
     return statistics.median(times)
 
 
-def matmul_floor(m: dict[str, Any], mode: str, batch: int, seq: int, rank: int, reps: int) -> dict[str, Any]:
-    """{"floor_s": sum of count x time alone, "flops": matmul FLOPs of the step, "dots": per dot figures}."""
+def matmul_floor(m: dict[str, Any], mode: str, batch: int, seq: int, rank: int, reps: int,
+                 dtype: str = "float32") -> dict[str, Any]:
+    """{"floor_s": sum of count x time alone, "flops": matmul FLOPs of the step, "dots": per dot figures}; the
+    dots in `dtype` (the step's compute dtype; LoRA's float32 adapters are cast to it too)."""
     rows = []
     for dot in step_dots(m, mode, batch, seq, rank):
-        seconds = time_dot(dot, reps)
+        seconds = time_dot(dot, reps, dtype)
         rows.append({"name": dot.name, "lhs": dot.lhs, "rhs": dot.rhs, "count": dot.count, "seconds": seconds,
                      "flops": dot.flops(), "gflops": dot.flops() / seconds / 1e9})
     return {"mode": mode, "floor_s": sum(r["seconds"] * r["count"] for r in rows),

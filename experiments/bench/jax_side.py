@@ -4,6 +4,11 @@ Speed, memory and scaling build the model with `sftjax.train.setup.build_model` 
 peer loads, so both stacks train identical weights. The compile-time sweep varies the depth, so it starts from
 random weights (`init_params`) and splits them per method with the same calls build_model makes.
 
+Precision "float32" runs everything in float32. "bf16" is sftjax's mixed precision, set as the peer's
+(torch_side.py): compute in bfloat16 (`model.dtype`); full fine-tuning keeps float32 weights for AdamW
+(`model.param_dtype=float32`), LoRA and QLoRA hold the frozen base in bfloat16 (`model.param_dtype=bfloat16`)
+and the adapters in float32 (as sftjax always does).
+
 Batches are [devices=1, accum=1, b, T], laid out as `sftjax.train.loop._next_batch` hands them to the step (host
 numpy arrays; one segment per row, every target trained).
 """
@@ -37,10 +42,13 @@ TOTAL_STEPS = 1000  # only sizes the (constant) schedule: the benchmark never re
 
 
 def train_config(model_path: str, mode: str, rank: int, alpha: float, lr: float, remat: str = "none",
-                 scan_layers: bool = True) -> TrainConfig:
-    """The run configuration of the benchmark: float32, AdamW (no weight decay, no clipping), constant lr."""
+                 scan_layers: bool = True, precision: str = "float32") -> TrainConfig:
+    """The run configuration of the benchmark: `precision` (float32 | bf16, above), AdamW (no weight decay, no
+    clipping), constant lr."""
+    bf16 = precision == "bf16"
     return TrainConfig(
-        model=ModelSection(path=model_path, dtype="float32", param_dtype="float32", remat=remat,
+        model=ModelSection(path=model_path, dtype="bfloat16" if bf16 else "float32",
+                           param_dtype="bfloat16" if bf16 and mode != "full" else "float32", remat=remat,
                            scan_layers=scan_layers),
         method=MethodSection(name=mode, lora=LoraSection(rank=rank, alpha=alpha, dropout=0.0,
                                                          target_modules=list(TARGETS))),
@@ -63,6 +71,8 @@ def build_from_weights(cfg: TrainConfig, model_cfg: ModelConfig, params: Any) ->
 
 
 def random_model(cfg: TrainConfig, model_cfg: ModelConfig, seed: int = 0) -> Model:
+    """Random weights for `model_cfg` under the run's precision (cfg.model.dtype / param_dtype)."""
+    model_cfg = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
     return build_from_weights(cfg, model_cfg, init_params(model_cfg, jax.random.key(seed)))
 
 
@@ -101,11 +111,14 @@ class Runner:
         self.temp_bytes = None if analysis is None else int(analysis.temp_size_in_bytes)
         return traced - start, compiled - traced
 
-    def memory(self) -> dict[str, int]:
-        """Bytes of trainable parameters, the frozen tree (4-bit codes + constants under QLoRA), optimizer state."""
+    def memory(self) -> dict[str, int | None]:
+        """Bytes of trainable parameters, the frozen tree (4-bit codes + constants under QLoRA), optimizer state,
+        and on a GPU the peak of device memory in use (the allocator's peak_bytes_in_use; None on CPU)."""
+        stats = jax.local_devices()[0].memory_stats()  # None on CPU
         return {"trainable_bytes": quant.tree_bytes(self.model.trainable),
                 "frozen_bytes": quant.tree_bytes(self.model.frozen),
-                "opt_state_bytes": quant.tree_bytes(self.state["opt_state"])}
+                "opt_state_bytes": quant.tree_bytes(self.state["opt_state"]),
+                "device_peak_bytes": stats.get("peak_bytes_in_use") if stats else None}
 
 
 def sftjax_batch(tokens: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
@@ -122,8 +135,9 @@ def sftjax_batch(tokens: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarra
     return {k: v[None, None] for k, v in batch.items()}
 
 
-def matmul_peak(n: int, reps: int) -> float:
-    """Median GFLOP/s of a jitted float32 [n, n] @ [n, n] (default matmul precision, as the train step)."""
+def matmul_peak(n: int, reps: int, dtype: str = "float32") -> float:
+    """Median GFLOP/s of a jitted [n, n] @ [n, n] in `dtype` (float32 | bfloat16; default matmul precision, as the
+    train step)."""
     from floor import NN, Dot, time_dot
 
-    return 2 * n**3 / time_dot(Dot("peak", (n, n), (n, n), NN, 1), reps) / 1e9
+    return 2 * n**3 / time_dot(Dot("peak", (n, n), (n, n), NN, 1), reps, dtype) / 1e9

@@ -27,18 +27,22 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def header(r: dict[str, Any]) -> list[str]:
     m, host, v = r["model"], r["machine"], r["versions"]
     s = r["settings"]
+    on_gpu = s.get("platform") == "gpu"
+    precision = {"float32": "float32", "bf16": "bf16 mixed precision (bfloat16 compute; float32 master weights "
+                 "for full fine-tuning, bfloat16 frozen base + float32 adapters for LoRA / QLoRA)"}[_precision(r)]
     lines = [
-        "# sftjax vs transformers + PEFT: train step on CPU" + (" (--quick: tiny config, not a measurement)"
-                                                               if r["quick"] else ""),
+        f"# sftjax vs transformers + PEFT: train step on {'GPU' if on_gpu else 'CPU'}"
+        + (" (--quick: tiny config, not a measurement)" if r["quick"] else ""),
         "",
-        f"- date {r['date']}; machine: {host['cpu']}, {host['cores']} cores; Python {host['python']}",
+        f"- date {r['date']}; machine: {host['cpu']}, {host['cores']} cores"
+        + (f"; GPU {host.get('gpu')}" if on_gpu else "") + f"; Python {host['python']}",
         "- " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- command: `{r['command']}`",
         (f"- load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in r['load_before'])}, after "
          f"{'/'.join(f'{x:.2f}' for x in r['load_after'])}; wall time {r['wall_s']:.0f} s"),
         (f"- model: {m['family']}, vocab {m['vocab_size']}, width {m['hidden_size']}, {m['num_layers']} layers, "
          f"{m['num_heads']} q / {m['num_kv_heads']} kv heads of {m['head_dim']}, FFN {m['intermediate_size']}, "
-         f"{'tied' if m['tie_word_embeddings'] else 'untied'}, {m['num_params'] / 1e6:.2f}M parameters, float32; "
+         f"{'tied' if m['tie_word_embeddings'] else 'untied'}, {m['num_params'] / 1e6:.2f}M parameters, {precision}; "
          f"batch {s['batch']} x seq {s['seq']}; LoRA r={s['lora']['rank']} alpha={s['lora']['alpha']:g} on "
          "q,k,v,o,gate,up,down; AdamW; QLoRA NF4 + double quant"),
         f"- speed: medians of {s['steps']} steps after {s['warmup']} warm-up steps, the two stacks alternating",
@@ -46,9 +50,13 @@ def header(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _precision(r: dict[str, Any]) -> str:
+    return r["settings"].get("precision", "float32")
+
+
 def peak(r: dict[str, Any]) -> list[str]:
     p = r["peak"]
-    return ["", "## Matmul peak (float32)", "",
+    return ["", f"## Matmul peak ({p.get('dtype', 'float32')})", "",
             (f"jax (jit, [{p['n']}, {p['n']}] @ [{p['n']}, {p['n']}]): **{p['jax_gflops']:.1f} GFLOP/s**; torch: "
              f"{p['torch_gflops']:.1f} GFLOP/s (medians of {len(p['jax_runs'])} rounds). MFU below is against the "
              "jax figure for both stacks.")]
@@ -65,7 +73,8 @@ def speed(r: dict[str, Any]) -> list[str]:
     return ["", "## Train-step throughput", "",
             *_table(["mode", "sftjax tokens/s", "peer tokens/s", "sftjax / peer", "MFLOP/token", "sftjax MFU",
                      "peer MFU", "loss of step 1 (sftjax / peer)", "first sftjax step s (compiles)"], rows),
-            "", (f"Peer: torch {facts['threads']} threads, attention `{facts['attn_implementation']}`, "
+            "", (f"Peer: torch on {facts.get('device', 'cpu')} ({facts['threads']} CPU threads), attention "
+                 f"`{facts['attn_implementation']}`, "
                  f"{facts['optimizer']}; QLoRA layers `{_qlora_class(r)}`.")]
 
 
@@ -76,14 +85,17 @@ def _qlora_class(r: dict[str, Any]) -> str:
 
 def memory(r: dict[str, Any]) -> list[str]:
     rows = []
+    device = any(x.get("device_peak_bytes") is not None for stacks in r["memory"].values() for x in stacks.values())
     for mode, stacks in r["memory"].items():
         for stack, x in stacks.items():
-            rows.append([mode, stack, _f(x["peak_rss_mib"]), _f(x["rss_after_imports_mib"]),
+            rows.append([mode, stack, *([_mib(x.get("device_peak_bytes"))] if device else []),
+                         _f(x["peak_rss_mib"]), _f(x["rss_after_imports_mib"]),
                          _mib(x["trainable_bytes"]), _mib(x["frozen_bytes"]), _mib(x["opt_state_bytes"]),
                          _mib(x.get("xla_temp_bytes")), _f(x["solo_tokens_per_s"])])
     return ["", "## Memory (each stack and mode alone in its own process)", "",
-            *_table(["mode", "stack", "peak RSS MiB", "RSS after imports MiB", "trainable params MiB",
-                     "frozen params MiB", "optimizer state MiB", "XLA temp buffers MiB", "tokens/s alone"], rows),
+            *_table(["mode", "stack", *(["peak device memory MiB"] if device else []), "peak RSS MiB",
+                     "RSS after imports MiB", "trainable params MiB", "frozen params MiB", "optimizer state MiB",
+                     "XLA temp buffers MiB", "tokens/s alone"], rows),
             "", ("Frozen params under QLoRA: 4-bit codes + quantization constants + the float parts (embeddings, "
                  "norms, lm_head). XLA temp buffers: activations, gradients and scratch of the compiled sftjax step.")]
 

@@ -1,7 +1,7 @@
 """The measurements, each run by bench.py in a fresh process: `python workers.py NAME JSON` prints `RESULT {...}`.
 
     prepare   random bench weights -> an HF directory both stacks load
-    peak      float32 matmul GFLOP/s through jax and torch (alternating, medians)
+    peak      matmul GFLOP/s (float32, or bfloat16 for --precision bf16) through jax and torch (alternating, medians)
     speed     one mode: sftjax step, peer step, sftjax step, ... on the same batches; medians after warm-up
     memory    one (stack, mode) alone: RSS after imports, peak RSS (ru_maxrss), parameter / optimizer bytes
     compile   sftjax step trace + lower and XLA compile seconds against depth, scan over layers on / off
@@ -9,6 +9,8 @@
     floor     one mode: every matmul of the sftjax step timed alone (floor.py), summed
 
 A separate process per speed mode and per memory (stack, mode) keeps peaks apart and every stack's first step cold.
+Every payload names the platform ("cpu" | "gpu") and the precision ("float32" | "bf16"); on "gpu" each stack
+checks that it really runs on a GPU and stops with one line if not.
 """
 
 from __future__ import annotations
@@ -49,6 +51,29 @@ def batches(n: int, b: int, T: int, vocab: int, seed: int) -> list[tuple[np.ndar
     return out
 
 
+def _torch_device(p: dict[str, Any]) -> str:
+    """"cuda" on the gpu platform (checked), else "cpu"."""
+    if p["platform"] != "gpu":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench: --platform gpu, but torch sees no CUDA device")
+    return "cuda"
+
+
+def _check_jax(p: dict[str, Any]) -> None:
+    import jax
+
+    if p["platform"] == "gpu" and jax.default_backend() != "gpu":
+        raise SystemExit(f"bench: --platform gpu, but jax runs on {jax.default_backend()} (install jax[cuda12])")
+
+
+def _dtype(p: dict[str, Any]) -> str:
+    """The matmul dtype of the precision: bfloat16 for "bf16", else float32."""
+    return "bfloat16" if p["precision"] == "bf16" else "float32"
+
+
 def _model_cfg(p: dict[str, Any]):
     from sftjax.model.config import ModelConfig
 
@@ -74,12 +99,14 @@ def peak(p: dict[str, Any]) -> dict[str, Any]:
     import jax_side
     import torch_side
 
+    _check_jax(p)
+    device, dtype = _torch_device(p), _dtype(p)
     jax_runs, torch_runs = [], []
     for _ in range(p["rounds"]):
-        jax_runs.append(jax_side.matmul_peak(p["n"], p["reps"]))
-        torch_runs.append(torch_side.matmul_peak(p["n"], p["reps"]))
-    return {"n": p["n"], "jax_gflops": statistics.median(jax_runs), "torch_gflops": statistics.median(torch_runs),
-            "jax_runs": jax_runs, "torch_runs": torch_runs}
+        jax_runs.append(jax_side.matmul_peak(p["n"], p["reps"], dtype))
+        torch_runs.append(torch_side.matmul_peak(p["n"], p["reps"], dtype, device))
+    return {"n": p["n"], "dtype": dtype, "jax_gflops": statistics.median(jax_runs),
+            "torch_gflops": statistics.median(torch_runs), "jax_runs": jax_runs, "torch_runs": torch_runs}
 
 
 def _jax_model(p: dict[str, Any], mode: str, remat: str = "none"):
@@ -87,7 +114,9 @@ def _jax_model(p: dict[str, Any], mode: str, remat: str = "none"):
 
     from sftjax.train.setup import build_model
 
-    cfg = jax_side.train_config(p["hf_dir"], mode, p["rank"], p["alpha"], p["lr"], remat=remat)
+    _check_jax(p)
+    cfg = jax_side.train_config(p["hf_dir"], mode, p["rank"], p["alpha"], p["lr"], remat=remat,
+                                precision=p["precision"])
     return cfg, build_model(cfg)
 
 
@@ -98,7 +127,8 @@ def speed(p: dict[str, Any]) -> dict[str, Any]:
     mode, b, T = p["mode"], p["batch"], p["seq"]
     cfg, model = _jax_model(p, mode)
     runner = jax_side.Runner(cfg, model)
-    peer, optimizer, facts = torch_side.build(p["hf_dir"], mode, p["rank"], p["alpha"], p["lr"])
+    peer, optimizer, facts = torch_side.build(p["hf_dir"], mode, p["rank"], p["alpha"], p["lr"], p["precision"],
+                                              _torch_device(p))
     data = batches(p["warmup"] + p["steps"], b, T, p["model"]["vocab_size"], p["seed"])
     times: dict[str, list[float]] = {"sftjax": [], "peer": []}
     losses: dict[str, list[float]] = {"sftjax": [], "peer": []}
@@ -108,7 +138,7 @@ def speed(p: dict[str, Any]) -> dict[str, Any]:
         losses["sftjax"].append(runner.step(sft_batch))
         times["sftjax"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        losses["peer"].append(torch_side.step(peer, optimizer, tokens, targets))
+        losses["peer"].append(torch_side.step(peer, optimizer, tokens, targets, p["precision"]))
         times["peer"].append(time.perf_counter() - start)
     out: dict[str, Any] = {"mode": mode, "batch": b, "seq": T, "peer_setup": facts}
     for stack in ("sftjax", "peer"):
@@ -144,11 +174,12 @@ def memory(p: dict[str, Any]) -> dict[str, Any]:
         def sizes():
             return runner.memory()
     else:
-        peer, optimizer, facts = torch_side.build(p["hf_dir"], mode, p["rank"], p["alpha"], p["lr"])
+        peer, optimizer, facts = torch_side.build(p["hf_dir"], mode, p["rank"], p["alpha"], p["lr"], p["precision"],
+                                                  _torch_device(p))
         extra["peer_setup"] = facts
 
         def run(tokens, targets):
-            torch_side.step(peer, optimizer, tokens, targets)
+            torch_side.step(peer, optimizer, tokens, targets, p["precision"])
 
         def sizes():
             return torch_side.memory(peer, optimizer)
@@ -168,12 +199,13 @@ def compile_sweep(p: dict[str, Any]) -> dict[str, Any]:
     base = _model_cfg(p)
     tokens, targets = batches(1, p["batch"], p["seq"], base.vocab_size, p["seed"])[0]
     batch = jax_side.sftjax_batch(tokens, targets)
+    _check_jax(p)
     # One-time costs (LLVM and XLA start-up) paid before the first measured compile.
-    warm_cfg = jax_side.train_config("-", "full", p["rank"], p["alpha"], p["lr"])
+    warm_cfg = jax_side.train_config("-", "full", p["rank"], p["alpha"], p["lr"], precision=p["precision"])
     jax_side.Runner(warm_cfg, jax_side.random_model(warm_cfg, base.replace(num_layers=1))).compile(batch)
     rows = []
     for mode in p["modes"]:
-        cfg = jax_side.train_config("-", mode, p["rank"], p["alpha"], p["lr"])
+        cfg = jax_side.train_config("-", mode, p["rank"], p["alpha"], p["lr"], precision=p["precision"])
         for layers in p["depths"]:
             for scan in (True, False):
                 model = jax_side.random_model(cfg, base.replace(num_layers=layers, scan_layers=scan))
@@ -211,7 +243,8 @@ def scaling(p: dict[str, Any]) -> dict[str, Any]:
 def matmul_floor(p: dict[str, Any]) -> dict[str, Any]:
     import floor
 
-    return floor.matmul_floor(p["model"], p["mode"], p["batch"], p["seq"], p["rank"], p["reps"])
+    _check_jax(p)
+    return floor.matmul_floor(p["model"], p["mode"], p["batch"], p["seq"], p["rank"], p["reps"], _dtype(p))
 
 
 WORKERS = {"prepare": prepare, "peak": peak, "speed": speed, "memory": memory, "compile": compile_sweep,

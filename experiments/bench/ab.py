@@ -21,6 +21,9 @@ function before its step is traced:
     select_mask         autodiff_attention, masked by a select per layer instead of the additive bias
     lora_scale_output   LoRA / QLoRA: the scale applied to the [..., out] product (PEFT's order) instead of the
                         rank-R intermediate (`layers.lora_update`); the same as current under full fine-tuning
+    saved_dequant       QLoRA: the dequantized 4-bit weight differentiated by JAX, which keeps every layer's
+                        dequantized weights for the backward pass, instead of `layers.qlinear`, which
+                        dequantizes again there; the same as current under full fine-tuning and LoRA
 
 Prints per variant: median step seconds and tokens/s over the steps after --warmup, the loss of the first and
 last step (variants compute the same thing: the losses agree to float32 rounding), and XLA's temp buffer size.
@@ -74,6 +77,7 @@ VARIANTS = {
     "select_mask": [(attention, "dot_product_attention", functools.partial(_autodiff_attention, select=True))],
     "lora_scale_output": [(layers, "lora_update", lambda x, a, b, scale: layers.linear(layers.linear(x, a), b)
                            * jnp.asarray(scale, x.dtype))],
+    "saved_dequant": [(layers, "qlinear", lambda x, q, out: layers.linear(x, layers._dequantized(q, out, x).T))],
 }
 
 

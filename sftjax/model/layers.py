@@ -52,6 +52,35 @@ def _linear_bwd(residuals, g):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def qlinear(x: jax.Array, q: dict[str, jax.Array], out_features: int) -> jax.Array:
+    """x [..., in] @ W^T -> [..., out], W [out, in] the 4-bit weight `q` (a qkernel of `sftjax.peft.quant`)
+    dequantized in x's dtype.
+
+    The backward pass dequantizes W again for dx = g @ W, as bitsandbytes' MatMul4Bit does, instead of keeping
+    the dequantized W from the forward pass: only the 4-bit codes live between the passes, so QLoRA's training
+    memory holds no full-precision copy of the frozen base (with autodiff, every layer's dequantized weights
+    would be saved for the backward pass: as much memory as a float base). q gets no gradient: it is frozen.
+    """
+    return jnp.dot(x, _dequantized(q, out_features, x).T)
+
+
+def _dequantized(q: dict[str, jax.Array], out_features: int, x: jax.Array) -> jax.Array:
+    return quant.dequantize(q, (out_features, x.shape[-1]), x.dtype)  # [out, in]
+
+
+def _qlinear_fwd(x, q, out_features):
+    return jnp.dot(x, _dequantized(q, out_features, x).T), (x, q)
+
+
+def _qlinear_bwd(out_features, residuals, g):
+    x, q = residuals
+    return jnp.dot(g, _dequantized(q, out_features, x)), None
+
+
+qlinear.defvjp(_qlinear_fwd, _qlinear_bwd)
+
+
 def lora_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """The LoRA term (x @ a * scale) @ b: x [..., in], a [in, R], b [R, out] -> [..., out].
 
@@ -84,8 +113,7 @@ class Dense(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x = x.astype(dtype)
         if self.has_variable("params", "qkernel"):  # frozen 4-bit base (QLoRA): [out, in] codes, torch order
-            w = quant.dequantize(self.get_variable("params", "qkernel"), (self.features, x.shape[-1]), dtype)
-            y = linear(x, w.T)
+            y = qlinear(x, self.get_variable("params", "qkernel"), self.features)
         else:
             kernel = self.param("kernel", nn.initializers.normal(_INIT_STD), (x.shape[-1], self.features),
                                 param_dtype)

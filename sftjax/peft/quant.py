@@ -267,9 +267,6 @@ def quantize_weight(w: np.ndarray | jax.Array, kind: str = "nf4", double_quant: 
 # ----------------------------------------------------------------------------------------------------------------
 # Dequantization (jax.numpy: traceable, shapes static)
 
-_PAIR_INDEX = np.stack([np.arange(256) >> 4, np.arange(256) & 15], axis=-1)  # byte -> its (high, low) codes
-
-
 def _absmax(q: Mapping[str, jax.Array], nb: int) -> jax.Array:
     """float32 [nb]: the per-block absmax, stored or rebuilt from its 8-bit codes (+ offset)."""
     if "absmax" in q:
@@ -289,8 +286,11 @@ def dequantize(q: Mapping[str, jax.Array], shape: tuple[int, int], dtype) -> jax
     nb = -(-n // BLOCK_SIZE)
     if q["codes"].shape != ((n + 1) // 2,):
         raise ConfigError(f"qkernel codes {q['codes'].shape} do not hold a [{out_features}, {in_features}] weight")
-    pairs = jnp.asarray(q["table"], jnp.float32)[_PAIR_INDEX]  # [256, 2]: the two values of each byte
-    values = pairs[q["codes"]].reshape(-1)[:n]  # [n]
+    codes = q["codes"]  # [ceil(n / 2)] uint8: two 4-bit codes per byte, the high nibble first
+    nibbles = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(-1)[:n]  # [n], each < 16
+    # A 16-entry lookup per value: on XLA:CPU 2x faster than looking up the byte's pair of values in a [256, 2]
+    # table (measured on the bench's [1408, 512] weights). The codes are < 16, so no bounds check is needed.
+    values = jnp.asarray(q["table"], jnp.float32).at[nibbles].get(mode="promise_in_bounds")  # [n]
     values = jnp.pad(values, (0, nb * BLOCK_SIZE - n)).reshape(nb, BLOCK_SIZE)
     w = (values * _absmax(q, nb)[:, None]).reshape(-1)[:n]
     return w.reshape(out_features, in_features).astype(dtype)

@@ -133,10 +133,11 @@ def test_ab_restores_the_patched_functions():
     finally:
         sys.path.remove(str(AB.parent))
     from sftjax.model import attention, layers, transformer
+    from sftjax.peft import quant
 
     def patchable():
         return (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention,
-                attention.causal_attention, layers.lora_update, layers.qlinear)
+                attention.causal_attention, layers.lora_update, layers.qlinear, quant.dequantize)
 
     before = patchable()
     for variant in ab.VARIANTS:

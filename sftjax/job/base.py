@@ -6,10 +6,11 @@
         pretrain/    the pre-training run (sftjax's own loop: metrics.jsonl, checkpoints/; resumable)
         base/        the pre-trained base as an HF directory: config.json, model.safetensors, tokenizer files
 
-<key> hashes the corpus fingerprint and every setting that changes the base (architecture, vocabulary, steps,
-batch, learning rate), so a changed setting builds a new base instead of reusing a stale one. A directory counts
-as built only when its `done.json` is written, last; an interrupted build resumes (the pre-training run resumes
-from its latest checkpoint).
+<key> hashes the corpus fingerprint, every setting that changes the base (architecture, vocabulary, steps,
+batch, learning rate), the jax version and BASE_RECIPE (the version of the code's pre-training numerics), so a
+changed setting, a new jax or a change of the code's numerics builds a new base instead of reusing a stale one.
+A directory counts as built only when its `done.json` is written, last; an interrupted build resumes (the
+pre-training run resumes from its latest checkpoint).
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ from sftjax.model.hf import save_pretrained
 from sftjax.model.transformer import init_params
 
 log = logging.getLogger("sftjax")
+
+# The version of the base that given settings pre-train: bump it with any code change that alters that base, float
+# rounding included, so that a cache built by older code is never reused as if today's code had built it (the
+# main job's figures would then differ from a fresh machine's). 2: the attention backward pass of 338b58f, whose
+# rounding gave a base 0.003 nats apart and a report ~3 points apart.
+BASE_RECIPE = 2
 
 
 def base_config(vocab_size: int) -> ModelConfig:
@@ -85,6 +92,20 @@ def _pretrain_config(settings: BuiltinSection, root: Path, model_dir: Path, corp
     return cfg
 
 
+def base_key_parts(corpus_fingerprint: str, settings: BuiltinSection) -> list:
+    """Everything that shapes the cached base (module docstring); written into its done.json."""
+    arch = base_config(settings.vocab_size)
+    return [corpus_fingerprint, json.dumps(dataclasses.asdict(arch), sort_keys=True, default=str),
+            settings.vocab_size, settings.pretrain_steps, settings.pretrain_batch, settings.pretrain_seq_len,
+            settings.pretrain_lr, BASE_RECIPE, jax.__version__]
+
+
+def base_key(corpus_fingerprint: str, settings: BuiltinSection) -> str:
+    """12 hex digits naming the cached base: a hash of base_key_parts."""
+    parts = base_key_parts(corpus_fingerprint, settings)
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
+
+
 def ensure_builtin(template: TrainConfig) -> Builtin:
     """Build (or reuse) the corpus, the tasks, the tokenizer and the pre-trained base under builtin.cache_dir."""
     from sftjax.train.loop import run_training  # the loop imports the model stack: only when needed
@@ -98,11 +119,7 @@ def ensure_builtin(template: TrainConfig) -> Builtin:
     corpus = corpus_lib.build_corpus(cache / f"corpus-{version}",
                                      record_chars=int(0.75 * 3.3 * settings.pretrain_seq_len))
     arch = base_config(settings.vocab_size)
-    key_parts = [corpus.fingerprint, json.dumps(dataclasses.asdict(arch), sort_keys=True, default=str),
-                 settings.vocab_size, settings.pretrain_steps, settings.pretrain_batch, settings.pretrain_seq_len,
-                 settings.pretrain_lr]
-    key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:12]
-    root = cache / f"builtin-{version}-{key}"
+    root = cache / f"builtin-{version}-{base_key(corpus.fingerprint, settings)}"
     base_dir, done = root / "base", root / "done.json"
     tasks = tasks_lib.build_tasks(root / f"tasks-{settings.train_examples}", seed=0,
                                   heldout_modules=corpus.heldout_modules, n_train=settings.train_examples)
@@ -128,7 +145,8 @@ def ensure_builtin(template: TrainConfig) -> Builtin:
     cfg = _pretrain_config(settings, root, model_dir, corpus, template)
     run_training(cfg)
     export_final(cfg, base_dir)
-    _write_done(done, {"corpus": corpus.fingerprint, "python": corpus.python_version, "key_parts": key_parts})
+    _write_done(done, {"corpus": corpus.fingerprint, "python": corpus.python_version,
+                       "key_parts": base_key_parts(corpus.fingerprint, settings)})
     return Builtin(root, corpus, tasks, base_dir, root / "pretrain")
 
 

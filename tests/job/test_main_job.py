@@ -83,3 +83,23 @@ def test_the_main_job_is_what_runs_without_a_dataset():
     assert main_job_defaults(["method=full"]) == ["method=full", "experiment=main"]
     assert main_job_defaults(["data.train=[{path:a.jsonl}]"]) == ["data.train=[{path:a.jsonl}]"]
     assert main_job_defaults(["experiment=optuna_lr"]) == ["experiment=optuna_lr"]
+
+
+def test_the_base_cache_key_follows_the_settings_the_code_and_jax(monkeypatch):
+    """A cache built by other settings, by code with other pre-training numerics (BASE_RECIPE) or by another jax
+    is never reused: each changes the directory name."""
+    import dataclasses
+
+    from sftjax.config import BuiltinSection
+    from sftjax.job import base
+
+    settings = BuiltinSection()
+    key = base.base_key("fingerprint", settings)
+    assert key == base.base_key("fingerprint", BuiltinSection()) and len(key) == 12
+    assert base.base_key("other corpus", settings) != key
+    assert base.base_key("fingerprint", dataclasses.replace(settings, pretrain_steps=7)) != key
+    monkeypatch.setattr(base, "BASE_RECIPE", base.BASE_RECIPE + 1)
+    assert base.base_key("fingerprint", settings) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(base.jax, "__version__", "0.0.1")
+    assert base.base_key("fingerprint", settings) != key

@@ -156,10 +156,12 @@ def versions() -> dict[str, str]:
 
 def run_worker(name: str, payload: dict[str, Any]) -> dict[str, Any]:
     """Run workers.py NAME in a fresh process; its stderr streams through, its RESULT line is returned."""
-    # XLA_PYTHON_CLIENT_PREALLOCATE: on a GPU, jax takes memory as it needs it instead of 75% up front, so the
-    # peer in the same process (speed) has room, and jax's peak device memory is what the step used.
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+    if payload.get("platform") == "gpu":
+        # jax takes GPU memory as it needs it instead of 75% up front, so the peer in the same process (speed)
+        # has room, and jax's peak device memory is what the step used.
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE / "workers.py"), name, json.dumps(payload)],
                           stdout=subprocess.PIPE, text=True, env=env, cwd=HERE, check=False)

@@ -17,8 +17,10 @@ Sections (--sections), each run in fresh processes by workers.py:
   peak     float32 matmul peak: median GFLOP/s of jitted [2048, 2048] @ [2048, 2048] dots (torch's for reference)
   speed    per mode one process: sftjax step, peer step, sftjax step, ... (alternating, so both see the same
            machine state); medians of --steps steps after --warmup steps (the first includes compilation)
-  memory   per (stack, mode) one process: peak RSS (ru_maxrss), RSS after imports, trainable / frozen /
-           optimizer-state bytes; for sftjax also XLA's temp buffer bytes of the compiled step
+  memory   per (stack, mode) one process, 1 warm-up and 10 measured steps: peak RSS (ru_maxrss), RSS after
+           imports, trainable / frozen / optimizer-state bytes; for sftjax also XLA's temp buffer bytes of the
+           compiled step. Ten steps, not one: under the malloc settings sftjax's heap can grow by one temp buffer
+           at a later step (a freed buffer's space split by small blocks), so one step understates the peak
   compile  trace + lower and XLA compile seconds of the first sftjax step at 8 / 16 / 32 layers, scan on / off
   scaling  sftjax tokens/s at fixed tokens per batch (b x T = 2048) for T = 256 .. 2048, and at fixed T = 256
            for b = 1 .. 16, each without and with remat="full"
@@ -83,7 +85,7 @@ SEED = 0
 SETTINGS = {
     "real": {
         "preset": "bench-llama", "overrides": {}, "batch": 8, "seq": 256, "steps": 5, "warmup": 2,
-        "memory_steps": 1, "peak": {"n": 2048, "reps": 10, "rounds": 3},
+        "memory_steps": 10, "peak": {"n": 2048, "reps": 10, "rounds": 3},
         "depths": [8, 16, 32], "compile_modes": ["full", "qlora"],
         "seq_sweep": [(8, 256), (4, 512), (2, 1024), (1, 2048)],
         "batch_sweep": [(1, 256), (2, 256), (4, 256), (8, 256), (16, 256)],
@@ -100,7 +102,7 @@ SETTINGS = {
     # --platform gpu: the Llama 3.2 1B architecture (random weights), bf16 by default.
     "gpu": {
         "preset": "llama-3.2-1b", "overrides": {}, "batch": 4, "seq": 1024, "steps": 10, "warmup": 3,
-        "memory_steps": 2, "peak": {"n": 8192, "reps": 20, "rounds": 3},
+        "memory_steps": 5, "peak": {"n": 8192, "reps": 20, "rounds": 3},
         "depths": [4, 8, 16], "compile_modes": ["full", "qlora"],
         "seq_sweep": [(8, 512), (4, 1024), (2, 2048), (1, 4096)],
         "batch_sweep": [(1, 1024), (2, 1024), (4, 1024), (8, 1024)],

@@ -12,10 +12,13 @@ nothing measurable (tried: the arena limit alone, no-mmap + no-trim, arena limit
     M_TRIM_THRESHOLD = 2^31-1  freed memory at the heap's top is kept, not returned to the system
     M_ARENA_MAX = 1            one heap for all threads, so blocks freed by one thread serve the next
 
-The cost: resident memory does not shrink after a peak (it is reused, not returned). That suits a process whose
-steady state is its peak (a training or evaluation run on the CPU). With an accelerator the big buffers live on
-the device and the host would only hold on to what loading a checkpoint freed, so the settings apply only when
-JAX will run on the CPU. `SFTJAX_MALLOC=system` turns them off.
+The cost: resident memory does not shrink after a peak (it is reused, not returned), and it can grow past the
+step's own need: when small blocks land in the space a step's large temp buffer freed, the next step's buffer no
+longer fits there and the heap grows by its size (on the bench's LoRA step, 662 MiB of temp buffers: resident
+1.4 GiB after the first step, 2.0-2.7 GiB after one or two such growths within 20 steps, then stable). That
+suits a process whose steady state is its peak (a training or evaluation run on the CPU). With an accelerator
+the big buffers live on the device and the host would only hold on to what loading a checkpoint freed, so the
+settings apply only when JAX will run on the CPU. `SFTJAX_MALLOC=system` turns them off.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def test_ab_restores_the_patched_functions():
 
     def patchable():
         return (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention,
-                attention.causal_attention, layers.lora_update, layers.qlinear, quant.dequantize)
+                attention.causal_attention, layers.lora_update, layers.qlinear, quant._code_values)
 
     before = patchable()
     for variant in ab.VARIANTS:

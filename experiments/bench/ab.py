@@ -25,7 +25,7 @@ function before its step is traced:
                         dequantized weights for the backward pass, instead of `layers.qlinear`, which
                         dequantizes again there; the same as current under full fine-tuning and LoRA
     pair_lookup         QLoRA: dequantization gathers each byte's two values from a [256, 2] table instead of
-                        looking up each 4-bit code in the 16-entry table (`quant.dequantize`)
+                        looking up each 4-bit code in the 16-entry table (`quant._code_values`)
 
 Prints per variant: median step seconds and tokens/s over the steps after --warmup, the loss of the first and
 last step (variants compute the same thing: the losses agree to float32 rounding), and XLA's temp buffer size.
@@ -69,18 +69,12 @@ def _autodiff_attention(q, k, v, bias, select=False):
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
 
 
-def _pair_lookup_dequantize(q, shape, dtype):
-    """quant.dequantize as it was before the 16-entry lookup: each byte's two values gathered from a [256, 2]
+def _pair_lookup_values(q, n):
+    """quant._code_values as it was before the 16-entry lookup: each byte's two values gathered from a [256, 2]
     table."""
-    out_features, in_features = shape
-    n = out_features * in_features
-    nb = -(-n // quant.BLOCK_SIZE)
     pair_index = np.stack([np.arange(256) >> 4, np.arange(256) & 15], axis=-1)  # byte -> its (high, low) codes
     pairs = jnp.asarray(q["table"], jnp.float32)[pair_index]  # [256, 2]
-    values = pairs[q["codes"]].reshape(-1)[:n]
-    values = jnp.pad(values, (0, nb * quant.BLOCK_SIZE - n)).reshape(nb, quant.BLOCK_SIZE)
-    w = (values * quant._absmax(q, nb)[:, None]).reshape(-1)[:n]
-    return w.reshape(out_features, in_features).astype(dtype)
+    return pairs[q["codes"]].reshape(-1)[:n]
 
 
 # variant -> [(module, attribute, replacement)]
@@ -95,7 +89,7 @@ VARIANTS = {
     "lora_scale_output": [(layers, "lora_update", lambda x, a, b, scale: layers.linear(layers.linear(x, a), b)
                            * jnp.asarray(scale, x.dtype))],
     "saved_dequant": [(layers, "qlinear", lambda x, q, out: layers.linear(x, layers._dequantized(q, out, x).T))],
-    "pair_lookup": [(quant, "dequantize", _pair_lookup_dequantize)],
+    "pair_lookup": [(quant, "_code_values", _pair_lookup_values)],
 }
 
 

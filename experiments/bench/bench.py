@@ -5,7 +5,6 @@
     python experiments/bench/bench.py --sections speed,memory --modes lora,qlora --steps 8 --warmup 2
     python experiments/bench/bench.py --platform gpu         # GPU: Llama 3.2 1B architecture, bf16 mixed precision
 
-
 Bench config (REFERENCE.md): Llama, vocab 8192, width 512, 8 layers, 8 query / 2 kv heads, FFN 1408, untied,
 seq 256, batch 8, float32; LoRA r=16 alpha=32 dropout 0 on q,k,v,o,gate,up,down; AdamW (lr 1e-4, no weight decay,
 no clipping, constant lr) in both stacks; QLoRA = NF4 + double quantization of every decoder linear in both.

@@ -29,7 +29,8 @@ def header(r: dict[str, Any]) -> list[str]:
     s = r["settings"]
     on_gpu = s.get("platform") == "gpu"
     precision = {"float32": "float32", "bf16": "bf16 mixed precision (bfloat16 compute; float32 master weights "
-                 "for full fine-tuning, bfloat16 frozen base + float32 adapters for LoRA / QLoRA)"}[_precision(r)]
+                 "for full fine-tuning, bfloat16 frozen base + float32 adapters for LoRA / QLoRA)"}[
+        s.get("precision", "float32")]
     lines = [
         f"# sftjax vs transformers + PEFT: train step on {'GPU' if on_gpu else 'CPU'}"
         + (" (--quick: tiny config, not a measurement)" if r["quick"] else ""),
@@ -48,10 +49,6 @@ def header(r: dict[str, Any]) -> list[str]:
         f"- speed: medians of {s['steps']} steps after {s['warmup']} warm-up steps, the two stacks alternating",
     ]
     return lines
-
-
-def _precision(r: dict[str, Any]) -> str:
-    return r["settings"].get("precision", "float32")
 
 
 def peak(r: dict[str, Any]) -> list[str]:

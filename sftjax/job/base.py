@@ -100,9 +100,8 @@ def base_key_parts(corpus_fingerprint: str, settings: BuiltinSection) -> list:
             settings.pretrain_lr, BASE_RECIPE, jax.__version__]
 
 
-def base_key(corpus_fingerprint: str, settings: BuiltinSection) -> str:
-    """12 hex digits naming the cached base: a hash of base_key_parts."""
-    parts = base_key_parts(corpus_fingerprint, settings)
+def base_key(parts: list) -> str:
+    """12 hex digits naming the cached base: a hash of its base_key_parts."""
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
@@ -119,7 +118,8 @@ def ensure_builtin(template: TrainConfig) -> Builtin:
     corpus = corpus_lib.build_corpus(cache / f"corpus-{version}",
                                      record_chars=int(0.75 * 3.3 * settings.pretrain_seq_len))
     arch = base_config(settings.vocab_size)
-    root = cache / f"builtin-{version}-{base_key(corpus.fingerprint, settings)}"
+    key_parts = base_key_parts(corpus.fingerprint, settings)
+    root = cache / f"builtin-{version}-{base_key(key_parts)}"
     base_dir, done = root / "base", root / "done.json"
     tasks = tasks_lib.build_tasks(root / f"tasks-{settings.train_examples}", seed=0,
                                   heldout_modules=corpus.heldout_modules, n_train=settings.train_examples)
@@ -145,8 +145,7 @@ def ensure_builtin(template: TrainConfig) -> Builtin:
     cfg = _pretrain_config(settings, root, model_dir, corpus, template)
     run_training(cfg)
     export_final(cfg, base_dir)
-    _write_done(done, {"corpus": corpus.fingerprint, "python": corpus.python_version,
-                       "key_parts": base_key_parts(corpus.fingerprint, settings)})
+    _write_done(done, {"corpus": corpus.fingerprint, "python": corpus.python_version, "key_parts": key_parts})
     return Builtin(root, corpus, tasks, base_dir, root / "pretrain")
 
 

@@ -94,12 +94,16 @@ def test_the_base_cache_key_follows_the_settings_the_code_and_jax(monkeypatch):
     from sftjax.job import base
 
     settings = BuiltinSection()
-    key = base.base_key("fingerprint", settings)
-    assert key == base.base_key("fingerprint", BuiltinSection()) and len(key) == 12
-    assert base.base_key("other corpus", settings) != key
-    assert base.base_key("fingerprint", dataclasses.replace(settings, pretrain_steps=7)) != key
+
+    def key(fingerprint="fingerprint", settings=settings):
+        return base.base_key(base.base_key_parts(fingerprint, settings))
+
+    first = key()
+    assert first == key(settings=BuiltinSection()) and len(first) == 12
+    assert key("other corpus") != first
+    assert key(settings=dataclasses.replace(settings, pretrain_steps=7)) != first
     monkeypatch.setattr(base, "BASE_RECIPE", base.BASE_RECIPE + 1)
-    assert base.base_key("fingerprint", settings) != key
+    assert key() != first
     monkeypatch.undo()
     monkeypatch.setattr(base.jax, "__version__", "0.0.1")
-    assert base.base_key("fingerprint", settings) != key
+    assert key() != first

@@ -15,23 +15,48 @@ LoRA / QLoRA by hand (what `sftjax-train method=qlora` does):
     sftjax.save_adapter("adapter/", cfg, spec, adapters)             # peft.PeftModel.from_pretrained loads it
 """
 
-from sftjax.errors import CheckpointError, ConfigError, UserError
-from sftjax.model.config import PRESETS, ModelConfig, from_hf_dict, to_hf_dict
-from sftjax.model.generate import generate
-from sftjax.model.hf import load_pretrained, save_pretrained
-from sftjax.model.transformer import forward, init_params, param_shapes
-from sftjax.peft.lora import LoraSpec, init_adapters
-from sftjax.peft.lora import merge as merge_lora
-from sftjax.peft.lora import model_config as lora_model_config
-from sftjax.peft.peft_io import load_adapter, save_adapter
-from sftjax.peft.quant import dequantize_params, quantize_params
-from sftjax.train.state import merge_params
+import importlib
+
+# name -> (module, attribute). Loaded on first use (PEP 562), so the command-line entry points start without JAX.
+_EXPORTS = {
+    "CheckpointError": ("sftjax.errors", "CheckpointError"),
+    "ConfigError": ("sftjax.errors", "ConfigError"),
+    "UserError": ("sftjax.errors", "UserError"),
+    "PRESETS": ("sftjax.model.config", "PRESETS"),
+    "ModelConfig": ("sftjax.model.config", "ModelConfig"),
+    "from_hf_dict": ("sftjax.model.config", "from_hf_dict"),
+    "to_hf_dict": ("sftjax.model.config", "to_hf_dict"),
+    "generate": ("sftjax.model.generate", "generate"),
+    "load_pretrained": ("sftjax.model.hf", "load_pretrained"),
+    "save_pretrained": ("sftjax.model.hf", "save_pretrained"),
+    "forward": ("sftjax.model.transformer", "forward"),
+    "init_params": ("sftjax.model.transformer", "init_params"),
+    "param_shapes": ("sftjax.model.transformer", "param_shapes"),
+    "LoraSpec": ("sftjax.peft.lora", "LoraSpec"),
+    "init_adapters": ("sftjax.peft.lora", "init_adapters"),
+    "merge_lora": ("sftjax.peft.lora", "merge"),
+    "lora_model_config": ("sftjax.peft.lora", "model_config"),
+    "load_adapter": ("sftjax.peft.peft_io", "load_adapter"),
+    "save_adapter": ("sftjax.peft.peft_io", "save_adapter"),
+    "dequantize_params": ("sftjax.peft.quant", "dequantize_params"),
+    "quantize_params": ("sftjax.peft.quant", "quantize_params"),
+    "merge_params": ("sftjax.train.state", "merge_params"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sftjax' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError", "ConfigError", "LoraSpec", "ModelConfig", "PRESETS", "UserError", "dequantize_params",
-    "forward", "from_hf_dict", "generate", "init_adapters", "init_params", "load_adapter", "load_pretrained",
-    "lora_model_config", "merge_lora", "merge_params", "param_shapes", "quantize_params", "save_adapter",
-    "save_pretrained", "to_hf_dict",
-]
+__all__ = sorted(_EXPORTS)

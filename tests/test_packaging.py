@@ -1,10 +1,13 @@
-"""The wheel ships every package (the explicit list in pyproject.toml) and conf/ as `sftjax.conf`."""
+"""The wheel ships every package (the explicit list in pyproject.toml) and conf/ as `sftjax.conf`; the console
+scripts start without importing JAX; `import sftjax` exposes its API lazily."""
 
 import subprocess
 import sys
 import tomllib
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parents[1]
 
@@ -23,3 +26,26 @@ def test_wheel_contains_the_configs(tmp_path):
     expected = {f"sftjax/conf/{p.relative_to(ROOT / 'conf')}" for p in (ROOT / "conf").rglob("*.yaml")}
     assert expected <= names and "sftjax/conf/config.yaml" in names
     assert "sftjax/model/transformer.py" in names
+
+
+def test_the_top_level_api_loads_lazily_and_whole():
+    import sftjax
+
+    for name in sftjax.__all__:
+        assert getattr(sftjax, name) is not None, name
+    assert set(sftjax.__all__) <= set(dir(sftjax))
+    assert sftjax.merge_lora.__module__ == "sftjax.peft.lora"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sftjax.nope  # noqa: B018
+
+
+def test_console_scripts_start_without_jax():
+    """The entry points may re-run their process (sftjax/cli/malloc.py) before importing JAX; `import sftjax` and
+    the launcher import neither JAX nor the command modules."""
+    code = ("import sys, sftjax, sftjax.cli.launch; "
+            "print(sorted(m for m in ('jax', 'sftjax.cli.eval') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name in ("sftjax-train", "sftjax-eval", "sftjax-generate"):
+        assert scripts[name].startswith("sftjax.cli.launch:"), name

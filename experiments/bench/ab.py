@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from sftjax.cli.malloc import keep_freed_host_memory
+    from sftjax.cli.malloc import use_huge_pages
 
-    keep_freed_host_memory()  # as sftjax-train does, before JAX starts its threads
+    use_huge_pages()  # may re-run this process, as sftjax-train does
     main()

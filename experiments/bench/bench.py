@@ -18,8 +18,9 @@ Sections (--sections), each run in fresh processes by workers.py:
            machine state); medians of --steps steps after --warmup steps (the first includes compilation)
   memory   per (stack, mode) one process, 1 warm-up and 10 measured steps: peak RSS (ru_maxrss), RSS after
            imports, trainable / frozen / optimizer-state bytes; for sftjax also XLA's temp buffer bytes of the
-           compiled step. Ten steps, not one: under the malloc settings sftjax's heap can grow by one temp buffer
-           at a later step (a freed buffer's space split by small blocks), so one step understates the peak
+           compiled step. sftjax runs with the malloc tunable of its entry points (sftjax/cli/malloc.py), the
+           peer with glibc's defaults, each as its users run it. (In the other sections both stacks share a
+           process, and the tunable.) Ten steps, not one: an allocator can grow its heap at a later step
   compile  trace + lower and XLA compile seconds of the first sftjax step at 8 / 16 / 32 layers, scan on / off
   scaling  sftjax tokens/s at fixed tokens per batch (b x T = 2048) for T = 256 .. 2048, and at fixed T = 256
            for b = 1 .. 16, each without and with remat="full"
@@ -159,6 +160,8 @@ def run_worker(name: str, payload: dict[str, Any]) -> dict[str, Any]:
     """Run workers.py NAME in a fresh process; its stderr streams through, its RESULT line is returned."""
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+    if name == "memory" and payload.get("stack") == "peer":
+        env["SFTJAX_MALLOC"] = "system"  # the peer's memory as its users run it: glibc's defaults (no tunable)
     if payload.get("platform") == "gpu":
         # jax takes GPU memory as it needs it instead of 75% up front, so the peer in the same process (speed)
         # has room, and jax's peak device memory is what the step used.

@@ -251,8 +251,8 @@ WORKERS = {"prepare": prepare, "peak": peak, "speed": speed, "memory": memory, "
            "scaling": scaling, "floor": matmul_floor}
 
 if __name__ == "__main__":
-    from sftjax.cli.malloc import keep_freed_host_memory
+    from sftjax.cli.malloc import use_huge_pages
 
-    keep_freed_host_memory()  # as sftjax-train does (SFTJAX_MALLOC=system: glibc's default); torch shares it
+    use_huge_pages()  # may re-run this process, as sftjax-train does (bench.run_worker says when it does not)
     result = WORKERS[sys.argv[1]](json.loads(sys.argv[2]))
     print("RESULT " + json.dumps(result), flush=True)

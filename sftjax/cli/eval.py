@@ -31,7 +31,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from sftjax.cli.common import add_checkpoint_choice, compose_config, fail, one_line, run_config
-from sftjax.cli.malloc import keep_freed_host_memory
+from sftjax.cli.malloc import use_huge_pages
 from sftjax.config import DatasetSection, TrainConfig
 from sftjax.data.pipeline import Prepared
 from sftjax.data.tokenizer import Tokenizer
@@ -166,8 +166,6 @@ def write_output(path: str, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the console script; tests pass argv and keep their own process's malloc
-        keep_freed_host_memory()
     args = parse_args(argv)
     try:
         result = evaluate_all(args)
@@ -185,4 +183,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    use_huge_pages()  # as the console script does (sftjax/cli/launch.py)
     sys.exit(main())

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from sftjax.cli.common import fail
-from sftjax.cli.malloc import keep_freed_host_memory
+from sftjax.cli.malloc import use_huge_pages
 from sftjax.data.tokenizer import load_tokenizer
 from sftjax.errors import UserError
 from sftjax.model.generate import generate
@@ -71,8 +71,6 @@ def run(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the console script; tests pass argv and keep their own process's malloc
-        keep_freed_host_memory()
     args = parse_args(argv)
     try:
         lines = run(args)
@@ -83,4 +81,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    use_huge_pages()  # as the console script does (sftjax/cli/launch.py)
     sys.exit(main())

@@ -1,37 +1,41 @@
-"""Keep freed host memory in the process: a faster CPU step on glibc (Linux), set once by the entry points.
+"""Huge pages for XLA:CPU's per-step buffers on glibc (Linux): the entry points re-run themselves with a tunable.
 
 XLA:CPU allocates every step's buffers (activations, gradients, temp) with malloc and frees them at the end of the
-step. glibc serves large blocks with mmap and hands them back with munmap, and each pool thread gets its own arena
-whose freed top is trimmed back to the system, so every step maps fresh pages and faults on each of them. On the
-built-in base's pre-training step (32 x 128 tokens, width 128), a script compiling and timing 27 gradient steps
-made 2.4 million minor page faults in 4.9 s of system time; with the three settings below 0.4 million in 1.8 s,
-and the step took 340 ms instead of 457 (medians of 8; the main job: README, "The main job"). Partial sets did
-nothing measurable (tried: the arena limit alone, no-mmap + no-trim, arena limit + no-trim): all three it is.
+step. glibc serves blocks above its mmap threshold (at most 32 MiB) with a fresh mapping and hands it back with
+munmap, so every step faults on each 4 KiB page of them again: on the built-in base's pre-training step (32 x 128
+tokens, width 128) 82,000 minor faults per step, on the bench's full fine-tuning step 263,000.
 
-    M_MMAP_MAX = 0             large blocks come from the heap, not from a fresh mapping each
-    M_TRIM_THRESHOLD = 2^31-1  freed memory at the heap's top is kept, not returned to the system
-    M_ARENA_MAX = 1            one heap for all threads, so blocks freed by one thread serve the next
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1   glibc asks the kernel to back its mappings with transparent huge
+                                            pages (2 MiB): a 20th of the faults, and freed memory still goes back
 
-The cost: resident memory does not shrink after a peak (it is reused, not returned), and it can grow past the
-step's own need: when small blocks land in the space a step's large temp buffer freed, the next step's buffer no
-longer fits there and the heap grows by its size (on the bench's LoRA step, 662 MiB of temp buffers: resident
-1.4 GiB after the first step, 2.0-2.7 GiB after one or two such growths within 20 steps, then stable). That
-suits a process whose steady state is its peak (a training or evaluation run on the CPU). With an accelerator
-the big buffers live on the device and the host would only hold on to what loading a checkpoint freed, so the
-settings apply only when JAX will run on the CPU. `SFTJAX_MALLOC=system` turns them off.
+Measured on this repository's 2-core CPU machine (median step, peak RSS over the run, minor faults per step; fresh
+processes, two each, alternating; experiments/bench/README.md, "Host memory"):
+
+                                   glibc default           huge pages              earlier settings (below)
+    base pre-training, 40 steps    266 ms   966 MiB 82k    214 ms   965 MiB 3.3k   202 ms 1,183-1,758 MiB 8.6k
+    bench full FT, 16 steps        1.30 s 2,303 MiB 263k   1.16 s 2,242 MiB 14k    1.13 s 2,184-3,007 MiB 38k
+    bench LoRA, 16 steps           1.03 s 1,449 MiB 194k   0.88 s 1,432 MiB 9k     0.90 s 2,711 MiB 40k
+
+The earlier settings (mallopt: no mmap, no trim, one arena; until 2026-11-25) kept freed memory in the heap
+instead. As fast, but resident memory grew past the step's need: when small blocks landed in the space a step's
+large buffer had freed, the next step's buffer no longer fit and the heap grew by its size, one to three times.
+
+A tunable is read when the process starts, so `use_huge_pages` re-executes the process (same interpreter, same
+arguments, same pid) with it added to the environment, once: the re-run sees it set and goes on. It does so only
+where it helps: Linux with glibc >= 2.35 (the tunable's first release), transparent huge pages not `never`, and
+JAX on the CPU (with an accelerator the big buffers live on the device). `SFTJAX_MALLOC=system` turns it off.
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib.metadata
 import importlib.util
 import os
 import sys
 from collections.abc import Mapping
 
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc malloc.h
-SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_ARENA_MAX, 1))
+TUNABLE = "glibc.malloc.hugetlb=1"
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"  # e.g. "always [madvise] never"
 
 
 def jax_runs_on_cpu(environ: Mapping[str, str] = os.environ) -> bool:
@@ -44,17 +48,43 @@ def jax_runs_on_cpu(environ: Mapping[str, str] = os.environ) -> bool:
     return importlib.util.find_spec("jax_plugins") is None
 
 
-def keep_freed_host_memory(environ: Mapping[str, str] = os.environ) -> bool:
-    """Apply SETTINGS through mallopt when it helps (glibc, JAX on the CPU, not opted out). Returns whether it did.
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the process's glibc, or None for another C library or OS."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
+        return (int(version.split(".")[0]), int(version.split(".")[1])) if name == "glibc" else None
+    except (AttributeError, ValueError, OSError, IndexError):  # no confstr (not POSIX) or no such name
+        return None
 
-    Call it first thing in an entry point, before JAX starts its thread pools (M_ARENA_MAX only limits arenas made
-    afterwards).
+
+def huge_pages_possible(thp_enabled: str = THP_ENABLED) -> bool:
+    """False when the kernel has no transparent huge pages or they are turned off (`[never]`)."""
+    try:
+        with open(thp_enabled) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def huge_pages_env(environ: Mapping[str, str] = os.environ, glibc: tuple[int, int] | None = None,
+                   thp_enabled: str = THP_ENABLED) -> dict[str, str] | None:
+    """The environment to re-run the process with, or None where the tunable is set already or would not help."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if environ.get("SFTJAX_MALLOC", "") == "system" or TUNABLE in tunables.split(":"):
+        return None
+    glibc = glibc or glibc_version()
+    if glibc is None or glibc < (2, 35) or not huge_pages_possible(thp_enabled) or not jax_runs_on_cpu(environ):
+        return None
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
+
+
+def use_huge_pages() -> None:
+    """Re-execute this process with TUNABLE when `huge_pages_env` says so; otherwise return.
+
+    Call it first thing in an entry point, before anything heavy is imported (the re-run imports it again).
     """
-    if environ.get("SFTJAX_MALLOC", "") == "system" or not sys.platform.startswith("linux"):
-        return False
-    if not jax_runs_on_cpu(environ):
-        return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the process's own C library
-    if mallopt is None:  # a C library without mallopt
-        return False
-    return all(mallopt(param, value) == 1 for param, value in SETTINGS)
+    env = huge_pages_env()
+    if env is not None and sys.executable and sys.orig_argv:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, sys.orig_argv, env)

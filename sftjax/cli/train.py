@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sftjax.cli.common import expand_shorthands, fail, one_line
-from sftjax.cli.malloc import keep_freed_host_memory
+from sftjax.cli.malloc import use_huge_pages
 from sftjax.config import register
 from sftjax.errors import UserError
 
@@ -50,7 +50,6 @@ def main_job_defaults(args: list[str]) -> list[str]:
 
 
 def main() -> None:
-    keep_freed_host_memory()  # before JAX starts its threads: see sftjax/cli/malloc.py
     register()
     sys.argv = [sys.argv[0], *main_job_defaults(expand_shorthands(sys.argv[1:]))]
     # Let configuration errors reach us instead of Hydra's multi-line report; bugs keep their traceback.
@@ -62,4 +61,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    use_huge_pages()  # as the console script does (sftjax/cli/launch.py)
     main()

@@ -109,6 +109,17 @@ def test_results_never_replace_an_earlier_one(tmp_path):
     assert bench._free_stem(tmp_path, "x") == "x-3"
 
 
+
+def test_the_machine_record_tells_cpu_generations_apart():
+    """"AMD EPYC" named hosts whose jax matmul peaks were 200 and 480 GFLOP/s; family, model and ISA tell them apart."""
+    bench = _import_bench()
+    lscpu = ("Model name:                              AMD EPYC\nCPU family:                              26\n"
+             "Model:                                   2\nFlags:                                   fpu avx2 avx512f\n")
+    assert bench.cpu_id(lscpu) == "family 26 model 2, AVX-512"
+    assert bench.cpu_id(lscpu.replace(" avx512f", "")) == "family 26 model 2, AVX2"
+    assert bench.cpu_id("") == "family ? model ?, ?"
+
+
 AB = BENCH.parent / "ab.py"
 
 

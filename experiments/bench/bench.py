@@ -123,16 +123,27 @@ def flops_per_token(m: dict[str, Any], mode: str, seq: int, rank: int) -> float:
     return 4 * n_mm + attn + 6 * rank * L * adapter_dims
 
 
+def cpu_id(lscpu: str) -> str:
+    """Family, model and widest vector extension from lscpu's output, e.g. "family 26 model 2, AVX-512": a model
+    name alone ("AMD EPYC" on a cloud VM) does not tell hosts apart whose matmul peaks differ 2x."""
+    fields = {key: re.search(rf"^{key}:\s*(.+)$", lscpu, re.M) for key in ("CPU family", "Model", "Flags")}
+    flags = set(fields["Flags"][1].split()) if fields["Flags"] else set()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags else "?"
+    family, model = (fields[k][1].strip() if fields[k] else "?" for k in ("CPU family", "Model"))
+    return f"family {family} model {model}, {isa}"
+
+
 def machine(on_gpu: bool = False) -> dict[str, Any]:
     """CPU model and cores; with on_gpu, the GPU's name and memory (nvidia-smi), which then names the results."""
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         model = re.search(r"Model name:\s*(.+)", lscpu)[1].strip()
     except (OSError, subprocess.CalledProcessError, TypeError):
-        model = platform.processor() or "unknown CPU"
+        lscpu, model = "", platform.processor() or "unknown CPU"
     cores = os.cpu_count() or 0
     slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") + f"-{cores}core"
-    host = {"cpu": model, "cores": cores, "slug": slug, "python": platform.python_version(), "gpu": None}
+    host = {"cpu": model, "cores": cores, "slug": slug, "python": platform.python_version(), "gpu": None,
+            "cpu_id": cpu_id(lscpu)}
     if on_gpu:
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],

@@ -35,7 +35,8 @@ def header(r: dict[str, Any]) -> list[str]:
         f"# sftjax vs transformers + PEFT: train step on {'GPU' if on_gpu else 'CPU'}"
         + (" (--quick: tiny config, not a measurement)" if r["quick"] else ""),
         "",
-        f"- date {r['date']}; machine: {host['cpu']}, {host['cores']} cores"
+        f"- date {r['date']}; machine: {host['cpu']}"
+        + (f" ({host['cpu_id']})" if host.get("cpu_id") else "") + f", {host['cores']} cores"
         + (f"; GPU {host.get('gpu')}" if on_gpu else "") + f"; Python {host['python']}",
         "- " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- command: `{r['command']}`",

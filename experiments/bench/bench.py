@@ -1,6 +1,6 @@
 """sftjax against transformers + PEFT (+ bitsandbytes): train-step speed, MFU, memory, compile time and scaling.
 
-    python experiments/bench/bench.py                       # everything, bench config (about 13 min on 2 cores)
+    python experiments/bench/bench.py                       # everything, bench config (8-13 min on 2 cores)
     python experiments/bench/bench.py --quick               # tiny config, 1 step each: checks that it runs
     python experiments/bench/bench.py --sections speed,memory --modes lora,qlora --steps 8 --warmup 2
     python experiments/bench/bench.py --platform gpu         # GPU: Llama 3.2 1B architecture, bf16 mixed precision

@@ -14,7 +14,10 @@ processes, two each, alternating; experiments/bench/README.md, "Host memory"):
                                    glibc default           huge pages              earlier settings (below)
     base pre-training, 40 steps    266 ms   966 MiB 82k    214 ms   965 MiB 3.3k   202 ms 1,183-1,758 MiB 8.6k
     bench full FT, 16 steps        1.30 s 2,303 MiB 263k   1.16 s 2,242 MiB 14k    1.13 s 2,184-3,007 MiB 38k
-    bench LoRA, 16 steps           1.03 s 1,449 MiB 194k   0.88 s 1,432 MiB 9k     0.90 s 2,711 MiB 40k
+    bench LoRA, 16 steps           1.03 s 1,449 MiB 194k   0.88 s 1,432 MiB 9k     0.90 s 2,665-2,711 MiB 40k
+
+The main job cold: 4:54 at 1.52 GiB with glibc's defaults, 3:37 at 1.48 GiB with huge pages, 3:38 at 2.49 GiB
+with the earlier settings.
 
 The earlier settings (mallopt: no mmap, no trim, one arena; until 2026-11-25) kept freed memory in the heap
 instead. As fast, but resident memory grew past the step's need: when small blocks landed in the space a step's

@@ -1,4 +1,5 @@
-"""Experiment a: full fine-tuning vs LoRA (r = 4, 16, 64) vs QLoRA (NF4, int4) on the main job.
+"""Experiment a: full fine-tuning vs LoRA (r = 4, 16, 64) vs QLoRA (NF4, int4) on the main job; adapters alone,
+and with the tied embedding and the final norm trained too (the main job's method=lora / qlora).
 
     python experiments/methods/run.py
 
@@ -15,13 +16,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, pct, pyplot, report, table, train, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+ADAPTERS_ONLY = ("method.lora.alpha=32", "method.lora.trainable_modules=[]")  # alpha 32, nothing else trained
+WITH_EMBEDDING = ("method.lora.rank=64", "method.lora.alpha=128", "method.lora.trainable_modules=[embed_tokens,norm]")
 RUNS = {
     "full": (),
-    "LoRA r=4": ("method=lora", "method.lora.rank=4"),
-    "LoRA r=16": ("method=lora", "method.lora.rank=16"),
-    "LoRA r=64": ("method=lora", "method.lora.rank=64"),
-    "QLoRA NF4 r=16": ("method=qlora", "method.lora.rank=16", "method.quant.kind=nf4"),
-    "QLoRA int4 r=16": ("method=qlora", "method.lora.rank=16", "method.quant.kind=int4"),
+    "LoRA r=4": ("method=lora", "method.lora.rank=4", *ADAPTERS_ONLY),
+    "LoRA r=16": ("method=lora", "method.lora.rank=16", *ADAPTERS_ONLY),
+    "LoRA r=64": ("method=lora", "method.lora.rank=64", *ADAPTERS_ONLY),
+    "QLoRA NF4 r=16": ("method=qlora", "method.lora.rank=16", "method.quant.kind=nf4", *ADAPTERS_ONLY),
+    "QLoRA int4 r=16": ("method=qlora", "method.lora.rank=16", "method.quant.kind=int4", *ADAPTERS_ONLY),
+    # The main job's `method=lora` / `method=qlora` (conf/experiment/main.yaml): the tied embedding and the final
+    # norm trained too (PEFT's modules_to_save), rank 64, scale 2.
+    "LoRA r=64 + embedding": ("method=lora", *WITH_EMBEDDING),
+    "QLoRA NF4 r=64 + embedding": ("method=qlora", "method.quant.kind=nf4", *WITH_EMBEDDING),
 }
 
 

@@ -38,6 +38,7 @@ import sys
 from collections.abc import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+TUNABLE_KEY = TUNABLE.split("=")[0]
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"  # e.g. "always [madvise] never"
 
 
@@ -71,9 +72,10 @@ def huge_pages_possible(thp_enabled: str = THP_ENABLED) -> bool:
 
 def huge_pages_env(environ: Mapping[str, str] = os.environ, glibc: tuple[int, int] | None = None,
                    thp_enabled: str = THP_ENABLED) -> dict[str, str] | None:
-    """The environment to re-run the process with, or None where the tunable is set already or would not help."""
+    """The environment to re-run the process with, or None where the tunable is set already (by the re-run, or by
+    the user to any value) or would not help."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if environ.get("SFTJAX_MALLOC", "") == "system" or TUNABLE in tunables.split(":"):
+    if environ.get("SFTJAX_MALLOC", "") == "system" or any(t.split("=")[0] == TUNABLE_KEY for t in tunables.split(":")):
         return None
     glibc = glibc or glibc_version()
     if glibc is None or glibc < (2, 35) or not huge_pages_possible(thp_enabled) or not jax_runs_on_cpu(environ):
@@ -87,7 +89,11 @@ def use_huge_pages() -> None:
     Call it first thing in an entry point, before anything heavy is imported (the re-run imports it again).
     """
     env = huge_pages_env()
-    if env is not None and sys.executable and sys.orig_argv:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if env is None or not sys.executable or not sys.orig_argv:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
         os.execve(sys.executable, sys.orig_argv, env)
+    except OSError:  # the interpreter cannot be run again (removed, no permission): go on as it is
+        return

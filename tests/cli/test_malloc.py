@@ -70,6 +70,7 @@ def test_huge_pages_env_adds_the_tunable_to_any_already_set(tmp_path):
 def test_huge_pages_env_is_none_where_it_would_not_help_or_is_set(tmp_path):
     assert _env(tmp_path, GLIBC_TUNABLES=TUNABLE) is None  # the re-run: no second one
     assert _env(tmp_path, GLIBC_TUNABLES=f"glibc.malloc.arena_max=2:{TUNABLE}") is None
+    assert _env(tmp_path, GLIBC_TUNABLES="glibc.malloc.hugetlb=0") is None  # the user's own choice stands
     assert _env(tmp_path, SFTJAX_MALLOC="system") is None  # opted out
     assert _env(tmp_path, "always madvise [never]") is None  # huge pages turned off
     assert _env(tmp_path, JAX_PLATFORMS="cuda") is None  # the big buffers live on the device
@@ -101,3 +102,18 @@ def test_glibc_version_reads_this_process_library():
     name, version = platform.libc_ver()
     expected = tuple(int(x) for x in version.split(".")[:2]) if name == "glibc" else None
     assert glibc_version() == expected
+
+
+def test_a_failed_re_run_goes_on_as_it_is(monkeypatch):
+    import sftjax.cli.malloc as malloc
+
+    calls = []
+
+    def execve(*args):
+        calls.append(args)
+        raise PermissionError("no")
+
+    monkeypatch.setattr(malloc, "huge_pages_env", lambda: {"GLIBC_TUNABLES": TUNABLE})
+    monkeypatch.setattr(malloc.os, "execve", execve)
+    malloc.use_huge_pages()  # returns instead of raising
+    assert calls and calls[0][2] == {"GLIBC_TUNABLES": TUNABLE} and calls[0][0] == sys.executable

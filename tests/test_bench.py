@@ -120,6 +120,25 @@ def test_the_machine_record_tells_cpu_generations_apart():
     assert bench.cpu_id("") == "family ? model ?, ?"
 
 
+
+def test_profile_sums_op_time_by_kind():
+    out = subprocess.run([sys.executable, str(BENCH.parent / "op_profile.py"), "--quick", "--steps", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| kind | ms per step | share of op time |" in out and "| ynn |" in out and "step wall" in out
+    sys.path.insert(0, str(BENCH.parent))
+    import op_profile as bench_profile
+
+    assert [bench_profile.kind(n) for n in ("ynn_fusion.2", "dot_general.4", "copy_bitcast_fusion.8",
+                                            "transpose.3", "wrapped_broadcast.7", "iota_reduce_fusion",
+                                            "add_divide_fusion.1")] == \
+        ["ynn", "dot", "copy", "copy", "broadcast", "reduce", "other"]
+    trace = {"traceEvents": [{"ph": "X", "name": "ynn_fusion", "dur": 3000},
+                             {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},
+                             {"ph": "X", "name": "while.101", "dur": 9000},
+                             {"ph": "M", "name": "thread_name"}]}
+    assert bench_profile.op_times(trace, steps=3) == {"ynn_fusion": 1.0}
+
+
 AB = BENCH.parent / "ab.py"
 
 

@@ -163,11 +163,12 @@ def test_ab_restores_the_patched_functions():
     finally:
         sys.path.remove(str(AB.parent))
     from sftjax.model import attention, layers, transformer
+    from sftjax.objectives import sft
     from sftjax.peft import quant
 
     def patchable():
         return (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention,
-                attention.causal_attention, layers.lora_update, layers.qlinear, quant._code_values)
+                attention.causal_attention, layers.lora_update, layers.qlinear, quant._code_values, sft.token_nll)
 
     before = patchable()
     for variant in ab.VARIANTS:

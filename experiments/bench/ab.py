@@ -26,6 +26,8 @@ function before its step is traced:
                         dequantizes again there; the same as current under full fine-tuning and LoRA
     pair_lookup         QLoRA: dequantization gathers each byte's two values from a [256, 2] table instead of
                         looking up each 4-bit code in the 16-entry table (`quant._code_values`)
+    argmax_correct      the accuracy metric from argmax over the vocabulary instead of `sft.token_nll`'s
+                        target-logit >= max comparison
 
 Prints per variant: median step seconds and tokens/s over the steps after --warmup, the loss of the first and
 last step (variants compute the same thing: the losses agree to float32 rounding), and XLA's temp buffer size.
@@ -52,6 +54,7 @@ import workers  # noqa: E402
 from sftjax.model import attention, layers, transformer  # noqa: E402
 from sftjax.peft import quant  # noqa: E402
 from sftjax.model.config import PRESETS  # noqa: E402
+from sftjax.objectives import sft  # noqa: E402
 
 
 def _autodiff_attention(q, k, v, bias, select=False):
@@ -77,6 +80,14 @@ def _pair_lookup_values(q, n):
     return pairs[q["codes"]].reshape(-1)[:n]
 
 
+def _argmax_token_nll(logits, targets):
+    """token_nll as it was: correct from argmax over the vocabulary (a (value, index) reduction)."""
+    nll, _ = _token_nll(logits, targets)
+    return nll, jnp.argmax(logits, axis=-1) == targets
+
+
+_token_nll = sft.token_nll
+
 # variant -> [(module, attribute, replacement)]
 VARIANTS = {
     "current": [],
@@ -90,6 +101,7 @@ VARIANTS = {
                            * jnp.asarray(scale, x.dtype))],
     "saved_dequant": [(layers, "qlinear", lambda x, q, out: layers.linear(x, layers._dequantized(q, out, x).T))],
     "pair_lookup": [(quant, "_code_values", _pair_lookup_values)],
+    "argmax_correct": [(sft, "token_nll", _argmax_token_nll)],
 }
 
 

@@ -48,11 +48,15 @@ def label_index(loss_mask: np.ndarray) -> np.ndarray | None:
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(negative log-likelihood [B, T], correct [B, T]) of targets [B, T] under logits [B, T, V], in float32."""
+    """(negative log-likelihood [B, T], correct [B, T]) of targets [B, T] under logits [B, T, V], in float32.
+
+    correct: no logit is above the target's, i.e. greedy decoding picks it (a tie counts as correct; argmax would
+    pick the lower index). One max over V: argmax's (value, index) reduction took 3% of the bench's full step.
+    """
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    correct = jnp.argmax(logits, axis=-1) == targets
+    correct = target_logit >= jnp.max(logits, axis=-1)
     return log_z - target_logit, correct
 
 

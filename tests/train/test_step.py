@@ -161,3 +161,17 @@ def test_labeled_positions_only_give_the_same_step():
             np.testing.assert_allclose(sparse[k], full[k], rtol=RTOL, err_msg=k)
         for a, b in zip(jax.tree.leaves(sparse_state["trainable"]), jax.tree.leaves(full_state["trainable"])):
             np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-7)
+
+
+def test_token_nll_correct_is_the_greedy_choice():
+    rng = np.random.RandomState(0)
+    logits = rng.randn(4, 5, 64).astype(np.float32)  # no ties among random floats
+    targets = rng.randint(0, 64, (4, 5)).astype(np.int32)
+    targets[0, :] = logits[0].argmax(-1)  # some hits for sure
+    nll, correct = token_nll(jax.numpy.asarray(logits), jax.numpy.asarray(targets))
+    np.testing.assert_array_equal(np.asarray(correct), logits.argmax(-1) == targets)
+    expected = np.log(np.exp(logits).sum(-1)) - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(nll), expected, rtol=1e-5)
+    tie = np.zeros((1, 1, 8), np.float32)  # every logit equal: greedy decoding may pick the target
+    _, correct = token_nll(jax.numpy.asarray(tie), jax.numpy.asarray([[5]]))
+    assert bool(correct[0, 0])

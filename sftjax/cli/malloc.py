@@ -56,7 +56,8 @@ def glibc_version() -> tuple[int, int] | None:
     """(major, minor) of the process's glibc, or None for another C library or OS."""
     try:
         name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
-        return (int(version.split(".")[0]), int(version.split(".")[1])) if name == "glibc" else None
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
     except (AttributeError, ValueError, OSError, IndexError):  # no confstr (not POSIX) or no such name
         return None
 

@@ -30,20 +30,26 @@ def test_main_job_builds_trains_and_reports(tmp_path, monkeypatch):
         assert (run / name).stat().st_size > 5000, name
     assert (run / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((run / "config.json").read_text())
-    assert config["method"]["name"] == "full" and config["model"]["path"].endswith("/base")
+    assert config["method"]["name"] == "lora" and config["model"]["path"].endswith("/base")
     assert len(config["data"]["train"]) == len(report["tasks"])
     # Training watches the validation splits (eval loss, early stopping, sweeps); the report scores the test splits.
     assert [Path(d["path"]).name for d in config["data"]["eval"]] == [f"{t}_valid.jsonl" for t in report["tasks"]]
     assert report["split"] == "test"
+    # conf/experiment/main.yaml's LoRA: rank-64 adapters on the 4 layers' 7 linears (155,648 a layer), and the
+    # tied embedding [4096, 128] and the final norm [128] trained fully (`norm` names only the final one); the
+    # linears' 786,432 weights and the layers' 8 norms stay frozen.
+    numbers = report["numbers"]
+    assert numbers["method"] == "lora" and numbers["trainable_params"] == 4 * 155_648 + 4096 * 128 + 128
+    assert numbers["frozen_bytes"] == 4 * (786_432 + 8 * 128) and numbers["train_tokens_per_s"] > 0  # float32
 
-    # LoRA on two of the tasks (in the order given), `add` drawn 3x as often per example, noise on module prompts,
-    # scored on the validation splits.
-    again = run_train(*SMALL, "method=lora", "builtin.tasks=[add,module]", "builtin.upsample.add=3",
+    # Full fine-tuning on two of the tasks (in the order given), `add` drawn 3x as often per example, noise on
+    # module prompts, scored on the validation splits.
+    again = run_train(*SMALL, "method=full", "builtin.tasks=[add,module]", "builtin.upsample.add=3",
                       "builtin.prompt_noise.module=0.2", "builtin.report_split=valid",
                       f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
     assert "built-in base: reusing" in again.stdout + again.stderr
     config = json.loads((tmp_path / "run2" / "config.json").read_text())
-    assert config["method"]["name"] == "lora"
+    assert config["method"]["name"] == "full"
     train = config["data"]["train"]
     assert [d["name"] for d in train] == ["add", "module"]
     n_add, n_module = (len(Path(d["path"]).read_text().splitlines()) for d in train)
@@ -54,15 +60,13 @@ def test_main_job_builds_trains_and_reports(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run2" / "report.json").read_text())["split"] == "valid"
     assert "pre-training the built-in base" not in again.stdout + again.stderr
     assert os.listdir(tmp_path / "cache")  # everything built lives under SFTJAX_CACHE
-    # The base's scores are kept per evaluation setting (full on 3 tasks; lora on 2): a sweep scores it once.
+    # The base's scores are kept per evaluation setting (3 test tasks; 2 validation tasks): a sweep scores it once.
     cached = sorted((tmp_path / "cache").glob("builtin-*/baselines/*.json"))
     assert len(cached) == 2 and {"zero_shot", "few_shot", "corpus_loss"} <= set(json.loads(cached[0].read_text()))
     numbers = json.loads((tmp_path / "run2" / "report.json").read_text())["numbers"]
-    # conf/experiment/main.yaml's LoRA: rank-64 adapters on the 4 layers' 7 linears (155,648 a layer), and the
-    # tied embedding [4096, 128] and the final norm [128] trained fully (`norm` names only the final one); the
-    # linears' 786,432 weights and the layers' 8 norms stay frozen.
-    assert numbers["method"] == "lora" and numbers["trainable_params"] == 4 * 155_648 + 4096 * 128 + 128
-    assert numbers["frozen_bytes"] == 4 * (786_432 + 8 * 128) and numbers["train_tokens_per_s"] > 0  # float32
+    # Full fine-tuning trains all 1,311,872 parameters (embedding, linears, 9 norms) and freezes nothing.
+    assert numbers["method"] == "full" and numbers["trainable_params"] == 4096 * 128 + 786_432 + 9 * 128
+    assert numbers["frozen_bytes"] == 0
 
 
 def test_a_bad_task_option_fails_in_one_line_before_building(tmp_path, monkeypatch):

@@ -156,6 +156,21 @@ def test_ab_runs_every_variant_and_they_agree():
     assert max(first_losses) - min(first_losses) < 1e-5
 
 
+def test_ab_compares_the_merged_and_factored_lora_on_the_main_jobs_model():
+    """The main job's base and rank-64 LoRA over 4 x 64 tokens, where the adapters run merged (`current`) or
+    factored: the same losses (first and last of 3 steps) to 1e-5."""
+    proc = subprocess.run([sys.executable, str(AB), "--mode", "lora", "--preset", "builtin", "--rank", "64",
+                           "--batch", "4", "--seq", "64", "--steps", "3", "--warmup", "1",
+                           "--variants", "current,factored_lora"], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("lora (rank 64), builtin, batch 4 x 64")
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row[0].strip("| ") for row in rows[1:]] == ["current", "factored_lora"]
+    (first_a, last_a), (first_b, last_b) = ([float(x) for x in row[4].split(" / ")] for row in rows[1:])
+    assert abs(first_a - first_b) < 1e-5 and abs(last_a - last_b) < 1e-5
+
+
 def test_ab_restores_the_patched_functions():
     sys.path.insert(0, str(AB.parent))
     try:
@@ -168,7 +183,8 @@ def test_ab_restores_the_patched_functions():
 
     def patchable():
         return (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention,
-                attention.causal_attention, layers.lora_update, layers.qlinear, quant._code_values, sft.token_nll)
+                attention.causal_attention, layers.lora_update, layers.qlinear, quant._code_values, sft.token_nll,
+                layers.lora_merge_pays)
 
     before = patchable()
     for variant in ab.VARIANTS:

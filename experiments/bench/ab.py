@@ -3,6 +3,8 @@
     python experiments/bench/ab.py                                   # current vs five reverted choices, full
     python experiments/bench/ab.py --mode lora --variants current,lora_scale_output
     python experiments/bench/ab.py --mode lora --variants current,autodiff_linear --steps 12
+    python experiments/bench/ab.py --mode lora --preset builtin --rank 64 --batch 32 --seq 128 \
+        --variants current,factored_lora                             # the main job's model and LoRA
 
 On a shared or noisy machine two runs of the same step can differ by 10-20% (experiments/bench/README.md), more
 than most single optimisations. Alternating the variants' steps on the same batches in one process puts both
@@ -28,6 +30,9 @@ function before its step is traced:
                         looking up each 4-bit code in the 16-entry table (`quant._code_values`)
     argmax_correct      the accuracy metric from argmax over the vocabulary instead of `sft.token_nll`'s
                         target-logit >= max comparison
+    factored_lora       LoRA: every adapter as x @ W + (x @ A * s) @ B, never through the merged weight
+                        W + s A @ B where that costs fewer FLOPs (`layers.lora_merge_pays`: large ranks, e.g.
+                        `--preset builtin --rank 64`, the main job's LoRA; the bench config's rank 16 is factored)
 
 Prints per variant: median step seconds and tokens/s over the steps after --warmup, the loss of the first and
 last step (variants compute the same thing: the losses agree to float32 rounding), and XLA's temp buffer size.
@@ -53,6 +58,7 @@ import jax_side  # noqa: E402
 import workers  # noqa: E402
 from sftjax.model import attention, layers, transformer  # noqa: E402
 from sftjax.peft import quant  # noqa: E402
+from sftjax.job.base import base_config  # noqa: E402
 from sftjax.model.config import PRESETS  # noqa: E402
 from sftjax.objectives import sft  # noqa: E402
 
@@ -102,6 +108,7 @@ VARIANTS = {
     "saved_dequant": [(layers, "qlinear", lambda x, q, out: layers.linear(x, layers._dequantized(q, out, x).T))],
     "pair_lookup": [(quant, "_code_values", _pair_lookup_values)],
     "argmax_correct": [(sft, "token_nll", _argmax_token_nll)],
+    "factored_lora": [(layers, "lora_merge_pays", lambda *shape: False)],
 }
 
 
@@ -122,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mode", default="full", choices=["full", "lora", "qlora"])
     ap.add_argument("--variants", default="current,autodiff_linear,autodiff_glu,autodiff_attention,"
                                           "no_causal_blocks,select_mask")
-    ap.add_argument("--preset", default="bench-llama")
+    ap.add_argument("--preset", default="bench-llama", help="a model preset, or `builtin`: the main job's base")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10, help="steps per variant, warm-up included")
@@ -135,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps <= args.warmup:
         ap.error("--steps must exceed --warmup")
 
-    model_cfg = dataclasses.replace(PRESETS[args.preset], dtype="float32", param_dtype="float32")
-    cfg = jax_side.train_config("unused", args.mode, 16, 32, 1e-4)
+    preset = base_config(4096) if args.preset == "builtin" else PRESETS[args.preset]
+    model_cfg = dataclasses.replace(preset, dtype="float32", param_dtype="float32")
+    cfg = jax_side.train_config("unused", args.mode, args.rank, 2.0 * args.rank, 1e-4)
     batches = [jax_side.sftjax_batch(*b) for b in workers.batches(3, args.batch, args.seq, model_cfg.vocab_size, 0)]
     runners = {}
     for name in names:
@@ -152,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
             losses[name].append(runners[name].step(batches[i % len(batches)]))
             times[name].append(time.perf_counter() - start)
     tokens = args.batch * args.seq
-    print(f"{args.mode}, {args.preset}, batch {args.batch} x {args.seq}; medians of {args.steps - args.warmup} "
-          f"alternating steps after {args.warmup}")
+    print(f"{args.mode} (rank {args.rank}), {args.preset}, batch {args.batch} x {args.seq}; "
+          f"medians of {args.steps - args.warmup} alternating steps after {args.warmup}")
     base = "current" if "current" in names else names[0]
     print(f"| variant | step s | tokens/s | speed vs {base} | loss first / last | XLA temp MiB |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -91,6 +91,22 @@ def lora_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.A
     return linear(linear(x, a) * jnp.asarray(scale, x.dtype), b)
 
 
+def lora_merge_pays(m: int, n_in: int, n_out: int, rank: int) -> bool:
+    """Whether a LoRA layer trains faster through its merged weight W + scale * A @ B than through the factors.
+
+    FLOPs of one training step (forward and backward; a frozen W, so no dW), M = x's rows, r the rank:
+
+        factored   y = x @ W + (x @ A * s) @ B   2 M in out + 3 M r (in + out)   (+ dx through B and A, dA, dB)
+        merged     y = x @ (W + s A @ B)          3 M in out + 3 in r out        (dW' = x^T g once, then
+                                                                                   dA = s dW' B^T, dB = s A^T dW')
+
+    Merged pays when the rank is large against the layer (r > in out / (3 (in + out)) for large M: rank 64 on the
+    main job's 128-wide layers) and M is large (training, not one-token decoding). Both give the same values and
+    gradients up to float rounding.
+    """
+    return 3 * m * n_in * n_out + 3 * n_in * rank * n_out < 2 * m * n_in * n_out + 3 * m * rank * (n_in + n_out)
+
+
 class Dense(nn.Module):
     """y = x @ kernel (+ bias) (+ LoRA). The one linear layer of the model. Its parameters:
 
@@ -100,7 +116,9 @@ class Dense(nn.Module):
         lora_a  [in, R], lora_b [R, out]   optional LoRA adapter: y += (dropout(x) @ lora_a * lora_scale) @ lora_b
 
     The base paths stay the same with or without an adapter, so the HF name maps never fork. LoRA dropout
-    (cfg.lora_dropout) is active only when a "dropout" rng is given (training).
+    (cfg.lora_dropout) is active only when a "dropout" rng is given (training). Over a float32 kernel, without
+    dropout, a large-rank adapter runs as x @ (kernel + lora_a * lora_scale @ lora_b) where that costs fewer FLOPs
+    (`lora_merge_pays`).
     """
 
     features: int
@@ -112,20 +130,27 @@ class Dense(nn.Module):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x = x.astype(dtype)
+        lora = None
+        if self.has_variable("params", "lora_a"):
+            lora = (self.get_variable("params", "lora_a").astype(dtype),  # [in, R]
+                    self.get_variable("params", "lora_b").astype(dtype))  # [R, out]
+        dropout = lora is not None and cfg.lora_dropout > 0 and self.has_rng("dropout")
         if self.has_variable("params", "qkernel"):  # frozen 4-bit base (QLoRA): [out, in] codes, torch order
             y = qlinear(x, self.get_variable("params", "qkernel"), self.features)
         else:
             kernel = self.param("kernel", nn.initializers.normal(_INIT_STD), (x.shape[-1], self.features),
-                                param_dtype)
-            y = linear(x, kernel.astype(dtype))
+                                param_dtype).astype(dtype)
+            if (lora is not None and not dropout and dtype == jnp.float32
+                    and lora_merge_pays(math.prod(x.shape[:-1]), x.shape[-1], self.features, lora[0].shape[1])):
+                # float32 only: in bfloat16 the merged weight would round the adapter's small update away
+                kernel, lora = kernel + jnp.dot(lora[0] * jnp.asarray(cfg.lora_scale, dtype), lora[1]), None
+            y = linear(x, kernel)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)
-        if self.has_variable("params", "lora_a"):
-            a = self.get_variable("params", "lora_a").astype(dtype)  # [in, R]
-            b = self.get_variable("params", "lora_b").astype(dtype)  # [R, out]
-            if cfg.lora_dropout > 0 and self.has_rng("dropout"):
+        if lora is not None:
+            if dropout:
                 x = nn.Dropout(cfg.lora_dropout, deterministic=False, name="lora_dropout")(x)
-            y = y + lora_update(x, a, b, cfg.lora_scale)
+            y = y + lora_update(x, *lora, cfg.lora_scale)
         return y
 
 

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from sftjax.errors import ConfigError
+from sftjax.model import layers
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import forward, init_params
 from sftjax.peft import lora, quant
@@ -93,6 +94,37 @@ def test_merged_equals_unmerged(base, rslora):
     assert np.abs(unmerged - forward(CFG, base, TOKENS)).max() > 1e-2  # the adapter changes the model
     np.testing.assert_allclose(merged, unmerged, atol=1e-5)  # f32: merge reorders the sums
     np.testing.assert_allclose(_manual_forward(base, adapters, spec.scale), unmerged, atol=1e-5)
+
+
+def test_a_large_rank_trains_through_the_merged_weight_with_the_same_values_and_gradients(base, monkeypatch):
+    # rank 16 on 64-wide layers over 4 x 64 tokens: x @ (W + s A @ B) costs fewer FLOPs than the factors
+    assert layers.lora_merge_pays(256, 64, 64, 16) and layers.lora_merge_pays(256, 64, 32, 16)
+    assert not layers.lora_merge_pays(256, 512, 512, 16)  # the bench config's rank-16 adapters stay factored
+    assert not layers.lora_merge_pays(4, 64, 64, 16)  # so does decoding one token per row
+    spec = lora.LoraSpec(rank=16, alpha=32)
+    adapters = _random_b(lora.init_adapters(CFG, spec, jax.random.key(1)))
+    cfg = lora.model_config(CFG, spec)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 96, (4, 64)), jnp.int32)
+
+    def loss_and_grads():
+        jax.clear_caches()  # `forward` is jitted: trace it again with the current `lora_merge_pays`
+        return jax.value_and_grad(lambda t: jnp.mean(forward(cfg, merge_params(base, t), tokens) ** 2))(adapters)
+
+    decisions, pays = [], layers.lora_merge_pays
+
+    def spy(*args):
+        decisions.append(pays(*args))
+        return decisions[-1]
+
+    monkeypatch.setattr(layers, "lora_merge_pays", spy)
+    merged = loss_and_grads()
+    assert len(decisions) == 7 and all(decisions)  # every adapted linear (one scanned layer traced) ran merged
+    monkeypatch.setattr(layers, "lora_merge_pays", lambda *a: False)
+    factored = loss_and_grads()
+    assert abs(float(merged[0]) - float(factored[0])) < 1e-6 * abs(float(factored[0]))  # f32: other sum order
+    for m, f in zip(jax.tree.leaves(merged[1]), jax.tree.leaves(factored[1])):
+        assert np.abs(f).max() > 0
+        np.testing.assert_allclose(m, f, rtol=1e-4, atol=1e-6 * np.abs(f).max())
 
 
 def test_gradients_and_optimizer_state_cover_the_adapters_only(base):

@@ -56,11 +56,11 @@ import numpy as np  # noqa: E402
 
 import jax_side  # noqa: E402
 import workers  # noqa: E402
-from sftjax.model import attention, layers, transformer  # noqa: E402
-from sftjax.peft import quant  # noqa: E402
 from sftjax.job.base import base_config  # noqa: E402
+from sftjax.model import attention, layers, transformer  # noqa: E402
 from sftjax.model.config import PRESETS  # noqa: E402
 from sftjax.objectives import sft  # noqa: E402
+from sftjax.peft import quant  # noqa: E402
 
 
 def _autodiff_attention(q, k, v, bias, select=False):
@@ -86,13 +86,14 @@ def _pair_lookup_values(q, n):
     return pairs[q["codes"]].reshape(-1)[:n]
 
 
+_token_nll = sft.token_nll  # the committed function, kept before a variant patches it
+
+
 def _argmax_token_nll(logits, targets):
     """token_nll as it was: correct from argmax over the vocabulary (a (value, index) reduction)."""
     nll, _ = _token_nll(logits, targets)
     return nll, jnp.argmax(logits, axis=-1) == targets
 
-
-_token_nll = sft.token_nll
 
 # variant -> [(module, attribute, replacement)]
 VARIANTS = {

@@ -143,7 +143,8 @@ class Dense(nn.Module):
             if (lora is not None and not dropout and dtype == jnp.float32
                     and lora_merge_pays(math.prod(x.shape[:-1]), x.shape[-1], self.features, lora[0].shape[1])):
                 # float32 only: in bfloat16 the merged weight would round the adapter's small update away
-                kernel, lora = kernel + jnp.dot(lora[0] * jnp.asarray(cfg.lora_scale, dtype), lora[1]), None
+                kernel = kernel + jnp.dot(lora[0] * jnp.asarray(cfg.lora_scale, dtype), lora[1])
+                lora = None  # folded into the kernel
             y = linear(x, kernel)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)

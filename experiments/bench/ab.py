@@ -3,6 +3,7 @@
     python experiments/bench/ab.py                                   # current vs five reverted choices, full
     python experiments/bench/ab.py --mode lora --variants current,lora_scale_output
     python experiments/bench/ab.py --mode lora --variants current,autodiff_linear --steps 12
+    python experiments/bench/ab.py --mode lora --variants current,unfused_projections --steps 12
     python experiments/bench/ab.py --mode lora --preset builtin --rank 64 --batch 32 --seq 128 \
         --variants current,factored_lora                             # the main job's model and LoRA
 
@@ -33,6 +34,8 @@ function before its step is traced:
     factored_lora       LoRA: every adapter as x @ W + (x @ A * s) @ B, never through the merged weight
                         W + s A @ B where that costs fewer FLOPs (`layers.lora_merge_pays`: large ranks, e.g.
                         `--preset builtin --rank 64`, the main job's LoRA; the bench config's rank 16 is factored)
+    unfused_projections LoRA / QLoRA: the adapters of q, k, v (and of gate, up) each with its own x @ A instead of
+                        `layers.dense`'s one x @ [A_q A_k A_v]; the same as current under full fine-tuning
 
 Prints per variant: median step seconds and tokens/s over the steps after --warmup, the loss of the first and
 last step (variants compute the same thing: the losses agree to float32 rounding), and XLA's temp buffer size.
@@ -95,6 +98,11 @@ def _argmax_token_nll(logits, targets):
     return nll, jnp.argmax(logits, axis=-1) == targets
 
 
+def _unfused_dense(x, ws, cfg):
+    """layers.dense applied to one layer at a time: each adapter its own x @ A."""
+    return [y for w in ws for y in layers.dense(x, [w], cfg)]
+
+
 # variant -> [(module, attribute, replacement)]
 VARIANTS = {
     "current": [],
@@ -110,6 +118,7 @@ VARIANTS = {
     "pair_lookup": [(quant, "_code_values", _pair_lookup_values)],
     "argmax_correct": [(sft, "token_nll", _argmax_token_nll)],
     "factored_lora": [(layers, "lora_merge_pays", lambda *shape: False)],
+    "unfused_projections": [(attention, "dense", _unfused_dense), (transformer, "dense", _unfused_dense)],
 }
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from sftjax.model.config import ModelConfig
-from sftjax.model.layers import Dense, RMSNorm, apply_rope, rope_inv_freq
+from sftjax.model.layers import Dense, RMSNorm, apply_rope, dense, rope_inv_freq
 
 
 def attention_mask(q_index: jax.Array, k_index: jax.Array, q_segment: jax.Array,
@@ -165,9 +165,10 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = Dense(N * H, cfg.qkv_bias, cfg, name="q_proj")(x).reshape(B, T, N, H)
-        k = Dense(K * H, cfg.qkv_bias, cfg, name="k_proj")(x).reshape(B, T, K, H)
-        v = Dense(K * H, cfg.qkv_bias, cfg, name="v_proj")(x).reshape(B, T, K, H)
+        projections = [Dense(N * H, cfg.qkv_bias, cfg, name="q_proj"), Dense(K * H, cfg.qkv_bias, cfg, name="k_proj"),
+                       Dense(K * H, cfg.qkv_bias, cfg, name="v_proj")]
+        q, k, v = dense(x, [p.weights(x) for p in projections], cfg)  # one matmul for the three
+        q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         if cfg.qk_norm:
             q = RMSNorm(cfg, name="q_norm")(q)
             k = RMSNorm(cfg, name="k_norm")(k)

@@ -9,8 +9,10 @@ compute dtype; matmuls run in the compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -107,6 +109,19 @@ def lora_merge_pays(m: int, n_in: int, n_out: int, rank: int) -> bool:
     return 3 * m * n_in * n_out + 3 * n_in * rank * n_out < 2 * m * n_in * n_out + 3 * m * rank * (n_in + n_out)
 
 
+@dataclasses.dataclass(frozen=True)
+class DenseWeights:
+    """One linear layer's weights as `Dense.weights` reads them, ready for `dense`. Exactly one of kernel and
+    qkernel is set; lora_x is set only while LoRA dropout is active."""
+
+    features: int  # out
+    kernel: jax.Array | None  # [in, out] in the compute dtype
+    qkernel: dict[str, jax.Array] | None  # the same weight at 4 bits, torch order [out, in] (`sftjax.peft.quant`)
+    bias: jax.Array | None  # [out]
+    lora: tuple[jax.Array, jax.Array] | None  # a [in, R], b [R, out] in the compute dtype
+    lora_x: jax.Array | None  # the adapter's own input dropout(x) [..., in]
+
+
 class Dense(nn.Module):
     """y = x @ kernel (+ bias) (+ LoRA). The one linear layer of the model. Its parameters:
 
@@ -116,9 +131,8 @@ class Dense(nn.Module):
         lora_a  [in, R], lora_b [R, out]   optional LoRA adapter: y += (dropout(x) @ lora_a * lora_scale) @ lora_b
 
     The base paths stay the same with or without an adapter, so the HF name maps never fork. LoRA dropout
-    (cfg.lora_dropout) is active only when a "dropout" rng is given (training). Over a float32 kernel, without
-    dropout, a large-rank adapter runs as x @ (kernel + lora_a * lora_scale @ lora_b) where that costs fewer FLOPs
-    (`lora_merge_pays`).
+    (cfg.lora_dropout) is active only when a "dropout" rng is given (training). Layers that read the same input
+    (q, k, v; gate, up) are applied together: `dense(x, [layer.weights(x) for layer in ...], cfg)`.
     """
 
     features: int
@@ -126,33 +140,72 @@ class Dense(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+    def weights(self, x: jax.Array) -> DenseWeights:
+        """Declare (at init) and read this layer's parameters for the input x [..., in]."""
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        x = x.astype(dtype)
-        lora = None
-        if self.has_variable("params", "lora_a"):
-            lora = (self.get_variable("params", "lora_a").astype(dtype),  # [in, R]
-                    self.get_variable("params", "lora_b").astype(dtype))  # [R, out]
-        dropout = lora is not None and cfg.lora_dropout > 0 and self.has_rng("dropout")
-        if self.has_variable("params", "qkernel"):  # frozen 4-bit base (QLoRA): [out, in] codes, torch order
-            y = qlinear(x, self.get_variable("params", "qkernel"), self.features)
+        kernel = qkernel = bias = lora = lora_x = None
+        if self.has_variable("params", "qkernel"):  # frozen 4-bit base (QLoRA)
+            qkernel = self.get_variable("params", "qkernel")
         else:
             kernel = self.param("kernel", nn.initializers.normal(_INIT_STD), (x.shape[-1], self.features),
                                 param_dtype).astype(dtype)
-            if (lora is not None and not dropout and dtype == jnp.float32
-                    and lora_merge_pays(math.prod(x.shape[:-1]), x.shape[-1], self.features, lora[0].shape[1])):
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)
+        if self.has_variable("params", "lora_a"):
+            lora = (self.get_variable("params", "lora_a").astype(dtype),  # [in, R]
+                    self.get_variable("params", "lora_b").astype(dtype))  # [R, out]
+            if cfg.lora_dropout > 0 and self.has_rng("dropout"):
+                lora_x = nn.Dropout(cfg.lora_dropout, deterministic=False, name="lora_dropout")(x.astype(dtype))
+        return DenseWeights(self.features, kernel, qkernel, bias, lora, lora_x)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+        return dense(x, [self.weights(x)], self.cfg)[0]
+
+
+def dense(x: jax.Array, ws: Sequence[DenseWeights], cfg: ModelConfig) -> list[jax.Array]:
+    """Linear layers ws that read the same input: x [..., in] -> [x @ W_i (+ b_i) (+ LoRA_i) for each i], each
+    [..., out_i] in the compute dtype.
+
+    Each base weight is its own matmul. The LoRA adapters that read x itself (no dropout) share their first
+    product, h = x @ [A_1 ... A_n] * scale (their A side by side, [in, n R]), then add h_i @ B_i: one thin
+    matmul instead of n, and in the backward pass one dA = x^T [dh_1 ... dh_n] and one dx = [dh_1 ... dh_n] A^T.
+    1.00-1.03x on the bench's LoRA and QLoRA steps (`python experiments/bench/ab.py --mode lora --variants
+    current,unfused_projections`). The base kernels side by side measured no faster, and LoRA 1.07x slower: XLA
+    keeps each layer's concatenated kernel for the backward pass (experiments/bench/README.md). Over a float32
+    kernel without dropout, a large-rank adapter is folded into its kernel, x @ (W + scale * A @ B), where that
+    costs fewer FLOPs (`lora_merge_pays`).
+    """
+    dtype = jnp.dtype(cfg.dtype)
+    x = x.astype(dtype)
+    scale = jnp.asarray(cfg.lora_scale, dtype)
+    ys, shared = [], []  # shared: (index, a, b) of the adapters that read x
+    for w in ws:
+        lora = w.lora
+        if w.qkernel is not None:
+            y = qlinear(x, w.qkernel, w.features)
+        else:
+            kernel = w.kernel
+            if (lora is not None and w.lora_x is None and dtype == jnp.float32
+                    and lora_merge_pays(math.prod(x.shape[:-1]), x.shape[-1], w.features, lora[0].shape[1])):
                 # float32 only: in bfloat16 the merged weight would round the adapter's small update away
-                kernel = kernel + jnp.dot(lora[0] * jnp.asarray(cfg.lora_scale, dtype), lora[1])
+                kernel = kernel + jnp.dot(lora[0] * scale, lora[1])
                 lora = None  # folded into the kernel
             y = linear(x, kernel)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)
-        if lora is not None:
-            if dropout:
-                x = nn.Dropout(cfg.lora_dropout, deterministic=False, name="lora_dropout")(x)
-            y = y + lora_update(x, *lora, cfg.lora_scale)
-        return y
+        if w.bias is not None:
+            y = y + w.bias
+        if lora is not None and w.lora_x is not None:  # its own dropout(x)
+            y = y + lora_update(w.lora_x, *lora, cfg.lora_scale)
+        elif lora is not None:
+            shared.append((len(ys), *lora))
+        ys.append(y)
+    if shared:
+        h = linear(x, jnp.concatenate([a for _, a, _ in shared], axis=1)) * scale  # [..., n R]
+        ranks = [a.shape[1] for _, a, _ in shared]
+        hs = jnp.split(h, np.cumsum(ranks)[:-1].tolist(), axis=-1) if len(shared) > 1 else [h]  # [..., R] each
+        for (i, _, b), h_i in zip(shared, hs):
+            ys[i] = ys[i] + linear(h_i, b)
+    return ys
 
 
 class RMSNorm(nn.Module):

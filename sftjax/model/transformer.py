@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from sftjax.model.attention import Attention, attention_mask, mask_bias, window_mask
 from sftjax.model.config import ModelConfig
-from sftjax.model.layers import _INIT_STD, Dense, RMSNorm, gated_activation, linear
+from sftjax.model.layers import _INIT_STD, Dense, RMSNorm, dense, gated_activation, linear
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -41,8 +41,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = Dense(cfg.intermediate_size, cfg.mlp_bias, cfg, name="gate_proj")(x)
-        up = Dense(cfg.intermediate_size, cfg.mlp_bias, cfg, name="up_proj")(x)
+        projections = [Dense(cfg.intermediate_size, cfg.mlp_bias, cfg, name="gate_proj"),
+                       Dense(cfg.intermediate_size, cfg.mlp_bias, cfg, name="up_proj")]
+        gate, up = dense(x, [p.weights(x) for p in projections], cfg)  # one matmul for the two
         return Dense(cfg.hidden_size, cfg.mlp_bias, cfg, name="down_proj")(gated_activation(cfg.hidden_act, gate, up))
 
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from sftjax.errors import ConfigError
-from sftjax.model import layers
+from sftjax.model import attention, layers, transformer
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import forward, init_params
 from sftjax.peft import lora, quant
@@ -125,6 +125,40 @@ def test_a_large_rank_trains_through_the_merged_weight_with_the_same_values_and_
     for m, f in zip(jax.tree.leaves(merged[1]), jax.tree.leaves(factored[1])):
         assert np.abs(f).max() > 0
         np.testing.assert_allclose(m, f, rtol=1e-4, atol=1e-6 * np.abs(f).max())
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj", "gate_proj"], "all-linear"])
+def test_adapters_sharing_an_input_share_their_first_product_with_the_same_values_and_gradients(
+        base, targets, monkeypatch):
+    """`layers.dense` runs one x @ [A_q A_v] for q and v (k has no adapter here), one x @ A_gate; the reference
+    applies every layer alone (experiments/bench/ab.py's unfused_projections)."""
+    spec = lora.LoraSpec(rank=4, alpha=8, target_modules=targets)
+    adapters = _random_b(lora.init_adapters(CFG, spec, jax.random.key(1)))
+    cfg = lora.model_config(CFG, spec)
+
+    def loss_and_grads():
+        jax.clear_caches()  # `forward` is jitted: trace it again with the current `dense`
+        return jax.value_and_grad(lambda t: jnp.mean(forward(cfg, merge_params(base, t), TOKENS) ** 2))(adapters)
+
+    first_products, linear = [], layers.linear
+
+    def spy(x, w):
+        first_products.append(w.shape)
+        return linear(x, w)
+
+    monkeypatch.setattr(layers, "linear", spy)
+    shared = loss_and_grads()
+    n_qkv, n_mlp = (2, 1) if targets != "all-linear" else (3, 2)
+    assert (64, 4 * n_qkv) in first_products and (64, 4 * n_mlp) in first_products  # one [in, n R] per group
+    monkeypatch.setattr(layers, "linear", linear)
+    alone = lambda x, ws, c: [y for w in ws for y in layers.dense(x, [w], c)]  # noqa: E731
+    monkeypatch.setattr(attention, "dense", alone)
+    monkeypatch.setattr(transformer, "dense", alone)
+    separate = loss_and_grads()
+    assert abs(float(shared[0]) - float(separate[0])) < 1e-6 * abs(float(separate[0]))  # f32: other sum order
+    for a, b in zip(jax.tree.leaves(shared[1]), jax.tree.leaves(separate[1])):
+        assert np.abs(b).max() > 0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
 
 
 def test_gradients_and_optimizer_state_cover_the_adapters_only(base):

@@ -23,6 +23,7 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     (js,) = tmp_path.glob("*-quick.json")
     text = md.read_text()
     assert text in proc.stdout  # the same table is printed
+    assert "First step of a turn against the steady step" in text
     for title in ("Matmul peak", "Train-step throughput", "Memory", "Compile time", "Scaling", "Matmul floor"):
         assert f"## {title}" in text
     result = json.loads(js.read_text())
@@ -32,6 +33,9 @@ def test_bench_quick_writes_table_and_json(tmp_path):
         assert f"| {mode} | " in text
         for stack in ("sftjax", "peer"):
             assert speed[stack]["tokens_per_s"] > 0 and 0 < speed[stack]["mfu"]
+            # turns of 2 steps: 1 warm-up turn, then 1 turn whose second step is the one measured
+            assert len(speed[stack]["losses"]) == 4 and len(speed[stack]["steps_s"]) == 1
+            assert speed[stack]["turn_first_step_s"] > 0
             assert result["memory"][mode][stack]["peak_rss_mib"] > 0
         floor = result["floor"][mode]
         assert floor["floor_s"] > 0 and floor["flops"] > 0 and floor["dots"]

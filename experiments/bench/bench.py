@@ -2,7 +2,7 @@
 
     python experiments/bench/bench.py                       # everything, bench config (8-13 min on 2 cores)
     python experiments/bench/bench.py --quick               # tiny config, 1 step each: checks that it runs
-    python experiments/bench/bench.py --sections speed,memory --modes lora,qlora --steps 8 --warmup 2
+    python experiments/bench/bench.py --sections speed,memory --modes lora,qlora --steps 8 --turn 3
     python experiments/bench/bench.py --platform gpu         # GPU: Llama 3.2 1B architecture, bf16 mixed precision
 
 Bench config (REFERENCE.md): Llama, vocab 8192, width 512, 8 layers, 8 query / 2 kv heads, FFN 1408, untied,
@@ -14,8 +14,13 @@ token batches, every target trained. The sftjax step is the trainer's own (`comp
 
 Sections (--sections), each run in fresh processes by workers.py:
   peak     float32 matmul peak: median GFLOP/s of jitted [2048, 2048] @ [2048, 2048] dots (torch's for reference)
-  speed    per mode one process: sftjax step, peer step, sftjax step, ... (alternating, so both see the same
-           machine state); medians of --steps steps after --warmup steps (the first includes compilation)
+  speed    per mode one process, the stacks taking turns of --turn steps (sftjax turn, peer turn, ...: both see
+           the same machine state); medians of --steps steady steps after --warmup turns (the first step
+           compiles). A turn's first step is not counted: it follows the other stack's turn, and on this
+           project's CPU machine a step that follows a pause of a second or two (the other stack's step) pays
+           0.3-0.7 s more in the kernel (sys time) to map its buffers again: a host memory effect that a
+           training run, whose steps follow each other, never sees (experiments/bench/README.md). Its median is
+           reported beside the steady one
   memory   per (stack, mode) one process, 1 warm-up and 10 measured steps: peak RSS (ru_maxrss), RSS after
            imports, trainable / frozen / optimizer-state bytes; for sftjax also XLA's temp buffer bytes of the
            compiled step. sftjax runs with the malloc tunable of its entry points (sftjax/cli/malloc.py), the
@@ -84,7 +89,7 @@ SEED = 0
 # The real run: the bench config. Quick: tiny-llama at 2 layers, a few tokens, one step (the test).
 SETTINGS = {
     "real": {
-        "preset": "bench-llama", "overrides": {}, "batch": 8, "seq": 256, "steps": 5, "warmup": 2,
+        "preset": "bench-llama", "overrides": {}, "batch": 8, "seq": 256, "steps": 6, "warmup": 1, "turn": 3,
         "memory_steps": 10, "peak": {"n": 2048, "reps": 10, "rounds": 3},
         "depths": [8, 16, 32], "compile_modes": ["full", "qlora"],
         "seq_sweep": [(8, 256), (4, 512), (2, 1024), (1, 2048)],
@@ -93,6 +98,7 @@ SETTINGS = {
     },
     "quick": {
         "preset": "tiny-llama", "overrides": {"num_layers": 2}, "batch": 2, "seq": 32, "steps": 1, "warmup": 1,
+        "turn": 2,
         "memory_steps": 1, "peak": {"n": 256, "reps": 3, "rounds": 1},
         "depths": [1], "compile_modes": ["full"],
         "seq_sweep": [(2, 16), (1, 32)],
@@ -101,7 +107,7 @@ SETTINGS = {
     },
     # --platform gpu: the Llama 3.2 1B architecture (random weights), bf16 by default.
     "gpu": {
-        "preset": "llama-3.2-1b", "overrides": {}, "batch": 4, "seq": 1024, "steps": 10, "warmup": 3,
+        "preset": "llama-3.2-1b", "overrides": {}, "batch": 4, "seq": 1024, "steps": 10, "warmup": 1, "turn": 6,
         "memory_steps": 5, "peak": {"n": 8192, "reps": 20, "rounds": 3},
         "depths": [4, 8, 16], "compile_modes": ["full", "qlora"],
         "seq_sweep": [(8, 512), (4, 1024), (2, 2048), (1, 4096)],
@@ -201,7 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model-dir", type=Path, help="write the random HF model directory here and keep it; reused "
                     "when it holds the same preset and seed (default: a temporary directory)")
     ap.add_argument("--steps", type=int, help="measured steps per stack and mode (speed)")
-    ap.add_argument("--warmup", type=int, help="warm-up steps before measuring (speed; the first compiles)")
+    ap.add_argument("--warmup", type=int, help="warm-up turns before measuring (speed; the first step compiles)")
+    ap.add_argument("--turn", type=int, help="steps per stack per turn (speed, >= 2; the first is not measured)")
     ap.add_argument("--results-dir", type=Path, default=HERE / "results", help="where the .md and .json go")
     args = ap.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.platform == "gpu" else "float32")
@@ -220,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     s = dict(SETTINGS["quick" if args.quick else "gpu" if args.platform == "gpu" else "real"])
     s["steps"] = args.steps or s["steps"]
     s["warmup"] = s["warmup"] if args.warmup is None else args.warmup
+    s["turn"] = args.turn or s["turn"]
+    if s["turn"] < 2:
+        raise SystemExit("bench: --turn must be at least 2 (a turn's first step is not measured)")
     s["platform"], s["precision"] = args.platform, args.precision
     started = time.perf_counter()
     host = machine(args.platform == "gpu")
@@ -241,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
                                                   "precision": args.precision})
         if "speed" in args.sections:
             results["speed"] = {m: run_worker("speed", {**base, "mode": m, "steps": s["steps"],
-                                                        "warmup": s["warmup"]}) for m in args.modes}
+                                                        "warmup": s["warmup"], "turn": s["turn"]})
+                                for m in args.modes}
         if "memory" in args.sections:
             results["memory"] = {m: {stack: run_worker("memory", {**base, "mode": m, "stack": stack,
                                                                   "steps": s["memory_steps"], "warmup": 1})

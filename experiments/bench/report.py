@@ -47,7 +47,10 @@ def header(r: dict[str, Any]) -> list[str]:
          f"{'tied' if m['tie_word_embeddings'] else 'untied'}, {m['num_params'] / 1e6:.2f}M parameters, {precision}; "
          f"batch {s['batch']} x seq {s['seq']}; LoRA r={s['lora']['rank']} alpha={s['lora']['alpha']:g} on "
          "q,k,v,o,gate,up,down; AdamW; QLoRA NF4 + double quant"),
-        f"- speed: medians of {s['steps']} steps after {s['warmup']} warm-up steps, the two stacks alternating",
+        (f"- speed: medians of {s['steps']} steps after {s['warmup']} warm-up steps, the two stacks alternating"
+         if "turn" not in s else
+         f"- speed: the stacks take turns of {s['turn']} steps; medians of {s['steps']} steady steps (a turn's "
+         f"first step not counted) after {s['warmup']} warm-up turn{'s' if s['warmup'] != 1 else ''} each"),
     ]
     return lines
 
@@ -73,7 +76,17 @@ def speed(r: dict[str, Any]) -> list[str]:
                      "peer MFU", "loss of step 1 (sftjax / peer)", "first sftjax step s (compiles)"], rows),
             "", (f"Peer: torch on {facts.get('device', 'cpu')} ({facts['threads']} CPU threads), attention "
                  f"`{facts['attn_implementation']}`, "
-                 f"{facts['optimizer']}; QLoRA layers `{_qlora_class(r)}`.")]
+                 f"{facts['optimizer']}; QLoRA layers `{_qlora_class(r)}`."),
+            *_turn_first_steps(r)]
+
+
+def _turn_first_steps(r: dict[str, Any]) -> list[str]:
+    """The first step of each turn (after the other stack's turn), not counted above, against the steady step."""
+    if not all("turn_first_step_s" in x["sftjax"] for x in r["speed"].values()):
+        return []
+    parts = [f"{mode} {x['sftjax']['turn_first_step_s']:.3f} vs {x['sftjax']['step_s']:.3f} s (peer "
+             f"{x['peer']['turn_first_step_s']:.3f} vs {x['peer']['step_s']:.3f})" for mode, x in r["speed"].items()]
+    return ["", "First step of a turn against the steady step, medians, sftjax: " + "; ".join(parts) + "."]
 
 
 def _qlora_class(r: dict[str, Any]) -> str:

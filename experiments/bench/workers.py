@@ -129,22 +129,27 @@ def speed(p: dict[str, Any]) -> dict[str, Any]:
     runner = jax_side.Runner(cfg, model)
     peer, optimizer, facts = torch_side.build(p["hf_dir"], mode, p["rank"], p["alpha"], p["lr"], p["precision"],
                                               _torch_device(p))
-    data = batches(p["warmup"] + p["steps"], b, T, p["model"]["vocab_size"], p["seed"])
+    steps = {"sftjax": lambda tokens, targets: runner.step(jax_side.sftjax_batch(tokens, targets)),
+             "peer": lambda tokens, targets: torch_side.step(peer, optimizer, tokens, targets, p["precision"])}
+    turn = p["turn"]  # steps per stack per turn; a turn's first step is not measured (see bench.py)
+    turns = p["warmup"] + -(-p["steps"] // (turn - 1))
+    data = batches(turns * turn, b, T, p["model"]["vocab_size"], p["seed"])
     times: dict[str, list[float]] = {"sftjax": [], "peer": []}
     losses: dict[str, list[float]] = {"sftjax": [], "peer": []}
-    for tokens, targets in data:  # alternate: sftjax step, peer step, sftjax step, ...
-        sft_batch = jax_side.sftjax_batch(tokens, targets)
-        start = time.perf_counter()
-        losses["sftjax"].append(runner.step(sft_batch))
-        times["sftjax"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        losses["peer"].append(torch_side.step(peer, optimizer, tokens, targets, p["precision"]))
-        times["peer"].append(time.perf_counter() - start)
-    out: dict[str, Any] = {"mode": mode, "batch": b, "seq": T, "peer_setup": facts}
+    for i in range(turns):  # sftjax turn, peer turn, sftjax turn, ...: each stack the same batches
+        for stack, step in steps.items():
+            for tokens, targets in data[i * turn:(i + 1) * turn]:
+                start = time.perf_counter()
+                losses[stack].append(step(tokens, targets))
+                times[stack].append(time.perf_counter() - start)
+    out: dict[str, Any] = {"mode": mode, "batch": b, "seq": T, "turn": turn, "peer_setup": facts}
     for stack in ("sftjax", "peer"):
-        measured = times[stack][p["warmup"]:]
-        median = statistics.median(measured)
-        out[stack] = {"step_s": median, "tokens_per_s": b * T / median, "steps_s": measured,
+        measured_turns = times[stack][p["warmup"] * turn:]
+        steady = [t for j, t in enumerate(measured_turns) if j % turn]
+        first = measured_turns[::turn]
+        median = statistics.median(steady)
+        out[stack] = {"step_s": median, "tokens_per_s": b * T / median, "steps_s": steady,
+                      "turn_first_steps_s": first, "turn_first_step_s": statistics.median(first),
                       "first_step_s": times[stack][0], "losses": losses[stack]}
     return out
 

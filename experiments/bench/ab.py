@@ -89,7 +89,13 @@ def _pair_lookup_values(q, n):
     return pairs[q["codes"]].reshape(-1)[:n]
 
 
-_token_nll = sft.token_nll  # the committed function, kept before a variant patches it
+_token_nll = sft.token_nll  # the committed functions, kept before a variant patches them
+_lora_update = layers.lora_update
+
+
+def _lora_scale_output(x, adapters, scale):
+    """lora_update with the scale on each [..., out] product (PEFT's order) instead of the rank-R intermediate."""
+    return [y * jnp.asarray(scale, x.dtype) for y in _lora_update(x, adapters, 1.0)]
 
 
 def _argmax_token_nll(logits, targets):
@@ -112,8 +118,7 @@ VARIANTS = {
     "no_causal_blocks": [(attention, "causal_attention", lambda q, k, v, bias: attention.dot_product_attention(
         q, k, v, bias))],
     "select_mask": [(attention, "dot_product_attention", functools.partial(_autodiff_attention, select=True))],
-    "lora_scale_output": [(layers, "lora_update", lambda x, a, b, scale: layers.linear(layers.linear(x, a), b)
-                           * jnp.asarray(scale, x.dtype))],
+    "lora_scale_output": [(layers, "lora_update", _lora_scale_output)],
     "saved_dequant": [(layers, "qlinear", lambda x, q, out: layers.linear(x, layers._dequantized(q, out, x).T))],
     "pair_lookup": [(quant, "_code_values", _pair_lookup_values)],
     "argmax_correct": [(sft, "token_nll", _argmax_token_nll)],

@@ -47,9 +47,7 @@ def header(r: dict[str, Any]) -> list[str]:
          f"{'tied' if m['tie_word_embeddings'] else 'untied'}, {m['num_params'] / 1e6:.2f}M parameters, {precision}; "
          f"batch {s['batch']} x seq {s['seq']}; LoRA r={s['lora']['rank']} alpha={s['lora']['alpha']:g} on "
          "q,k,v,o,gate,up,down; AdamW; QLoRA NF4 + double quant"),
-        (f"- speed: medians of {s['steps']} steps after {s['warmup']} warm-up steps, the two stacks alternating"
-         if "turn" not in s else
-         f"- speed: the stacks take turns of {s['turn']} steps; medians of {s['steps']} steady steps (a turn's "
+        (f"- speed: the stacks take turns of {s['turn']} steps; medians of {s['steps']} steady steps (a turn's "
          f"first step not counted) after {s['warmup']} warm-up turn{'s' if s['warmup'] != 1 else ''} each"),
     ]
     return lines
@@ -82,8 +80,6 @@ def speed(r: dict[str, Any]) -> list[str]:
 
 def _turn_first_steps(r: dict[str, Any]) -> list[str]:
     """The first step of each turn (after the other stack's turn), not counted above, against the steady step."""
-    if not all("turn_first_step_s" in x["sftjax"] for x in r["speed"].values()):
-        return []
     parts = [f"{mode} {x['sftjax']['turn_first_step_s']:.3f} vs {x['sftjax']['step_s']:.3f} s (peer "
              f"{x['peer']['turn_first_step_s']:.3f} vs {x['peer']['step_s']:.3f})" for mode, x in r["speed"].items()]
     return ["", "First step of a turn against the steady step, medians, sftjax: " + "; ".join(parts) + "."]

@@ -83,14 +83,20 @@ def _qlinear_bwd(out_features, residuals, g):
 qlinear.defvjp(_qlinear_fwd, _qlinear_bwd)
 
 
-def lora_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """The LoRA term (x @ a * scale) @ b: x [..., in], a [in, R], b [R, out] -> [..., out].
+def lora_update(x: jax.Array, adapters: Sequence[tuple[jax.Array, jax.Array]], scale: float) -> list[jax.Array]:
+    """The LoRA terms (x @ a_i * scale) @ b_i of adapters that read the same x [..., in]: a_i [in, R_i],
+    b_i [R_i, out_i] -> one [..., out_i] each.
 
-    The scale multiplies the rank-R intermediate, not the [..., out] product as PEFT writes it (x @ a @ b * scale):
-    the same value up to rounding, without an elementwise pass over the layer's output in the forward pass and
-    over its gradient in the backward pass.
+    Their first products are one matmul, h = x @ [a_1 ... a_n] * scale ([..., sum R_i]), split into the h_i: one
+    thin matmul instead of n, and in the backward pass one dA = x^T [dh_1 ... dh_n] and one dx. The scale
+    multiplies the rank-R intermediate, not the [..., out] product as PEFT writes it (x @ a @ b * scale): the same
+    value up to rounding, without an elementwise pass over the layer's output in the forward pass and over its
+    gradient in the backward pass.
     """
-    return linear(linear(x, a) * jnp.asarray(scale, x.dtype), b)
+    h = linear(x, jnp.concatenate([a for a, _ in adapters], axis=1)) * jnp.asarray(scale, x.dtype)
+    ranks = [a.shape[1] for a, _ in adapters]
+    hs = jnp.split(h, np.cumsum(ranks)[:-1].tolist(), axis=-1) if len(adapters) > 1 else [h]  # [..., R_i] each
+    return [linear(h_i, b) for h_i, (_, b) in zip(hs, adapters)]
 
 
 def lora_merge_pays(m: int, n_in: int, n_out: int, rank: int) -> bool:
@@ -167,19 +173,16 @@ def dense(x: jax.Array, ws: Sequence[DenseWeights], cfg: ModelConfig) -> list[ja
     """Linear layers ws that read the same input: x [..., in] -> [x @ W_i (+ b_i) (+ LoRA_i) for each i], each
     [..., out_i] in the compute dtype.
 
-    Each base weight is its own matmul. The LoRA adapters that read x itself (no dropout) share their first
-    product, h = x @ [A_1 ... A_n] * scale (their A side by side, [in, n R]), then add h_i @ B_i: one thin
-    matmul instead of n, and in the backward pass one dA = x^T [dh_1 ... dh_n] and one dx = [dh_1 ... dh_n] A^T.
-    1.00-1.03x on the bench's LoRA and QLoRA steps (`python experiments/bench/ab.py --mode lora --variants
-    current,unfused_projections`). The base kernels side by side measured no faster, and LoRA 1.07x slower: XLA
-    keeps each layer's concatenated kernel for the backward pass (experiments/bench/README.md). Over a float32
-    kernel without dropout, a large-rank adapter is folded into its kernel, x @ (W + scale * A @ B), where that
-    costs fewer FLOPs (`lora_merge_pays`).
+    Each base weight is its own matmul. The LoRA adapters that read x itself (no dropout) go through one
+    `lora_update`, which shares their first product x @ [A_1 ... A_n]: 1.00-1.03x on the bench's LoRA and QLoRA
+    steps (`python experiments/bench/ab.py --mode lora --variants current,unfused_projections`). The base kernels
+    side by side measured no faster, and LoRA 1.07x slower: XLA keeps each layer's concatenated kernel for the
+    backward pass (experiments/bench/README.md). Over a float32 kernel without dropout, a large-rank adapter is
+    folded into its kernel, x @ (W + scale * A @ B), where that costs fewer FLOPs (`lora_merge_pays`).
     """
     dtype = jnp.dtype(cfg.dtype)
     x = x.astype(dtype)
-    scale = jnp.asarray(cfg.lora_scale, dtype)
-    ys, shared = [], []  # shared: (index, a, b) of the adapters that read x
+    ys, shared = [], []  # shared: (index, (a, b)) of the adapters that read x
     for w in ws:
         lora = w.lora
         if w.qkernel is not None:
@@ -189,22 +192,19 @@ def dense(x: jax.Array, ws: Sequence[DenseWeights], cfg: ModelConfig) -> list[ja
             if (lora is not None and w.lora_x is None and dtype == jnp.float32
                     and lora_merge_pays(math.prod(x.shape[:-1]), x.shape[-1], w.features, lora[0].shape[1])):
                 # float32 only: in bfloat16 the merged weight would round the adapter's small update away
-                kernel = kernel + jnp.dot(lora[0] * scale, lora[1])
+                kernel = kernel + jnp.dot(lora[0] * jnp.asarray(cfg.lora_scale, dtype), lora[1])
                 lora = None  # folded into the kernel
             y = linear(x, kernel)
         if w.bias is not None:
             y = y + w.bias
         if lora is not None and w.lora_x is not None:  # its own dropout(x)
-            y = y + lora_update(w.lora_x, *lora, cfg.lora_scale)
+            y = y + lora_update(w.lora_x, [lora], cfg.lora_scale)[0]
         elif lora is not None:
-            shared.append((len(ys), *lora))
+            shared.append((len(ys), lora))
         ys.append(y)
     if shared:
-        h = linear(x, jnp.concatenate([a for _, a, _ in shared], axis=1)) * scale  # [..., n R]
-        ranks = [a.shape[1] for _, a, _ in shared]
-        hs = jnp.split(h, np.cumsum(ranks)[:-1].tolist(), axis=-1) if len(shared) > 1 else [h]  # [..., R] each
-        for (i, _, b), h_i in zip(shared, hs):
-            ys[i] = ys[i] + linear(h_i, b)
+        for (i, _), term in zip(shared, lora_update(x, [lora for _, lora in shared], cfg.lora_scale)):
+            ys[i] = ys[i] + term
     return ys
 
 

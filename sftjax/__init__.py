@@ -13,6 +13,13 @@ LoRA / QLoRA by hand (what `sftjax-train method=qlora` does):
     base4 = sftjax.quantize_params(params, "nf4", double_quant=True)  # frozen 4-bit base (bitsandbytes-exact)
     logits = sftjax.forward(sftjax.lora_model_config(cfg, spec), sftjax.merge_params(base4, adapters), tokens)
     sftjax.save_adapter("adapter/", cfg, spec, adapters)             # peft.PeftModel.from_pretrained loads it
+
+Task heads and objectives (what `sftjax-train objective=heads | distill` trains; sftjax/objectives/):
+
+    heads = sftjax.load_heads("exported/")                           # {task: (kernel [D, C], classes)}
+    cfg, params, kernel, classes = sftjax.load_classifier("clf/")    # `sftjax-export --head TASK` output
+    logits = sftjax.classify(cfg, params, kernel, tokens, segment_ids)  # [B, C] from each row's last token
+    loss = sftjax.divergence(student_logits, teacher_logits, "jsd", beta=0.5)  # per position, as TRL's GKD
 """
 
 import importlib
@@ -32,6 +39,12 @@ _EXPORTS = {
     "forward": ("sftjax.model.transformer", "forward"),
     "init_params": ("sftjax.model.transformer", "init_params"),
     "param_shapes": ("sftjax.model.transformer", "param_shapes"),
+    "classify": ("sftjax.model.classifier", "classify"),
+    "load_classifier": ("sftjax.model.classifier", "load_classifier"),
+    "load_heads": ("sftjax.model.classifier", "load_heads"),
+    "save_classifier": ("sftjax.model.classifier", "save_classifier"),
+    "Objective": ("sftjax.objectives.base", "Objective"),
+    "divergence": ("sftjax.objectives.distill", "divergence"),
     "LoraSpec": ("sftjax.peft.lora", "LoraSpec"),
     "init_adapters": ("sftjax.peft.lora", "init_adapters"),
     "merge_lora": ("sftjax.peft.lora", "merge"),

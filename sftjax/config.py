@@ -64,6 +64,8 @@ class DatasetSection:
     name: Optional[str] = None  # task name in metrics (default: the file stem)
     as_chat: bool = False  # render prompt/completion and Alpaca records through the chat template
     prompt_noise: float = 0.0  # augmentation: share of prompt tokens replaced at random in every batch drawn
+    head: bool = False  # a classification head for this task (objective=heads): label from `label` or the completion
+    labels: list[str] = field(default_factory=list)  # the head's classes in order ([]: collected from the train split)
 
 
 @dataclasses.dataclass
@@ -134,6 +136,7 @@ class PerTask:
 class BuiltinSection:
     cache_dir: str = "${oc.env:SFTJAX_CACHE,'~/.cache/sftjax'}"  # built corpus, tokenizer and pre-trained base
     vocab_size: int = 4096  # BPE vocabulary trained on the corpus (4k: every spaced digit is one token)
+    base_layers: int = 4  # decoder layers of the base (width 128); fewer: a smaller base, e.g. a distilled student
     pretrain_steps: int = 500  # optimizer steps of the base's pre-training
     pretrain_batch: int = 32  # rows of pretrain_seq_len tokens per step
     pretrain_seq_len: int = 128  # tokens per pre-training row (the task examples are shorter)
@@ -156,6 +159,9 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     builtin: BuiltinSection = field(default_factory=BuiltinSection)  # the main job: model=builtin, no data.train
+    # objective/: the training objective and its settings (sftjax/objectives/<name>.py, conf/objective/<name>.yaml);
+    # each objective checks its own keys (objectives.base.settings)
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "sft"})
 
 
 def register() -> None:
@@ -220,3 +226,6 @@ def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> Non
           f"early stopping on {t.best_metric} needs an eval split (data.eval or data.eval_fraction > 0)")
     check(t.best_metric.split("/")[0] in ("eval", "train"), "trainer.best_metric", t.best_metric,
           "must be eval/<metric> or train/<metric>")
+    from sftjax.objectives.base import settings  # deferred: objectives import JAX
+
+    settings(cfg.objective)

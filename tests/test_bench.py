@@ -184,11 +184,12 @@ def test_ab_restores_the_patched_functions():
     from sftjax.model import attention, layers, transformer
     from sftjax.objectives import sft
     from sftjax.peft import quant
+    from sftjax.train import step
 
     def patchable():
         return (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention,
                 attention.causal_attention, layers.lora_update, layers.qlinear, quant._code_values, sft.token_nll,
-                layers.lora_merge_pays, attention.dense, transformer.dense)
+                layers.lora_merge_pays, attention.dense, transformer.dense, step.train_step)
 
     before = patchable()
     for variant in ab.VARIANTS:

@@ -4,6 +4,7 @@
     python experiments/bench/ab.py --mode lora --variants current,lora_scale_output
     python experiments/bench/ab.py --mode lora --variants current,autodiff_linear --steps 12
     python experiments/bench/ab.py --mode lora --variants current,unfused_projections --steps 12
+    python experiments/bench/ab.py --mode qlora --variants current,pre_seam --steps 12  # the objective seam
     python experiments/bench/ab.py --mode lora --preset builtin --rank 64 --batch 32 --seq 128 \
         --variants current,factored_lora                             # the main job's model and LoRA
 
@@ -36,6 +37,9 @@ function before its step is traced:
                         `--preset builtin --rank 64`, the main job's LoRA; the bench config's rank 16 is factored)
     unfused_projections LoRA / QLoRA: the adapters of q, k, v (and of gate, up) each with its own x @ A instead of
                         `layers.dense`'s one x @ [A_q A_k A_v]; the same as current under full fine-tuning
+    pre_seam            the train step as it was before objectives became plug-ins: SFT's sums called by name,
+                        its three metrics only, instead of `step.train_step` asking the objective for sums and
+                        metrics (the same program up to the metrics it returns)
 
 Prints per variant: median step seconds and tokens/s over the steps after --warmup, the loss of the first and
 last step (variants compute the same thing: the losses agree to float32 rounding), and XLA's temp buffer size.
@@ -64,6 +68,8 @@ from sftjax.model import attention, layers, transformer  # noqa: E402
 from sftjax.model.config import PRESETS  # noqa: E402
 from sftjax.objectives import sft  # noqa: E402
 from sftjax.peft import quant  # noqa: E402
+from sftjax.train import step  # noqa: E402
+from sftjax.train.state import merge_params  # noqa: E402
 
 
 def _autodiff_attention(q, k, v, bias, select=False):
@@ -109,6 +115,43 @@ def _unfused_dense(x, ws, cfg):
     return [y for w in ws for y in layers.dense(x, [w], cfg)]
 
 
+def _pre_seam_train_step(state, frozen, refs, batch, *, objective, optimizer, lr_schedule):
+    """step.train_step before the objective seam: sft_sums by name, metrics loss / accuracy / tokens."""
+    import optax
+
+    trainable = state["trainable"]
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]),
+                             jax.lax.axis_index(step.AXIS))
+
+    def loss_fn(trainable, micro, rng):
+        sums = sft.sft_sums(objective.cfg, merge_params(frozen, trainable), micro, rng, len(objective.tasks))
+        return sums["loss"], sums
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, xs):
+        index, micro = xs
+        grads, sums = grad_fn(trainable, micro, jax.random.fold_in(key, index))
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    sums_shape = jax.eval_shape(lambda: loss_fn(trainable, jax.tree.map(lambda x: x[0], batch), None)[1])
+    init = (jax.tree.map(jnp.zeros_like, trainable), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+    (grads, sums), _ = jax.lax.scan(accumulate, init, (jnp.arange(batch["tokens"].shape[0]), batch))
+    grads, sums = jax.lax.psum((grads, sums), step.AXIS)
+    tokens = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    loss = sums["loss"] / tokens
+    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_state = {"step": state["step"] + 1, "trainable": jax.tree.map(keep, new_trainable, trainable),
+                 "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]), "rng": state["rng"]}
+    return new_state, {"loss": loss, "accuracy": sums["correct"] / tokens, "tokens": sums["weight"],
+                       "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state["step"]),
+                       "finite": finite.astype(jnp.float32)}
+
+
 # variant -> [(module, attribute, replacement)]
 VARIANTS = {
     "current": [],
@@ -124,6 +167,7 @@ VARIANTS = {
     "argmax_correct": [(sft, "token_nll", _argmax_token_nll)],
     "factored_lora": [(layers, "lora_merge_pays", lambda *shape: False)],
     "unfused_projections": [(attention, "dense", _unfused_dense), (transformer, "dense", _unfused_dense)],
+    "pre_seam": [(step, "train_step", _pre_seam_train_step)],
 }
 
 

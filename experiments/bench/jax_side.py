@@ -30,6 +30,8 @@ from sftjax.config import (
 )
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import init_params
+from sftjax.objectives.base import Objective
+from sftjax.objectives.sft import SFT
 from sftjax.peft import lora as lora_lib
 from sftjax.peft import quant
 from sftjax.train.optim import make_optimizer, schedule
@@ -84,26 +86,30 @@ class Runner:
     executable: the same program, measured without a second compilation, with XLA's buffer sizes.
     """
 
-    def __init__(self, cfg: TrainConfig, model: Model):
+    def __init__(self, cfg: TrainConfig, model: Model, objective: Objective | None = None,
+                 refs: dict[str, Any] | None = None):
+        """objective: the trainer's SFT by default; refs: the frozen models it needs besides the base."""
         optimizer = make_optimizer(cfg.optim, TOTAL_STEPS)
-        self.p_train, _ = compile_steps(model.cfg, optimizer, schedule(cfg.optim, TOTAL_STEPS), 1, 1)
+        self.objective = objective or SFT(model.cfg, ("bench",))
+        self.p_train, _ = compile_steps(self.objective, optimizer, schedule(cfg.optim, TOTAL_STEPS), 1)
         self._run = self.p_train
         mesh = device_mesh(1)
         self.state = replicate(init_state(model.trainable, optimizer, cfg.trainer.seed), mesh)
         self.frozen = replicate(model.frozen, mesh)
+        self.refs = replicate(refs or {}, mesh)
         self.model = model
         self.temp_bytes: int | None = None  # XLA temp buffers of the compiled step (activations, gradients)
 
     def step(self, batch: dict[str, np.ndarray]) -> float:
         """One optimizer step (blocking until done). Returns the loss."""
-        self.state, metrics = self._run(self.state, self.frozen, batch)
+        self.state, metrics = self._run(self.state, self.frozen, self.refs, batch)
         jax.block_until_ready((self.state, metrics))
         return float(metrics["loss"][0])
 
     def compile(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
         """(trace + lower, XLA compile) seconds of the step for this batch shape; nothing runs."""
         start = time.perf_counter()
-        lowered = self.p_train.lower(self.state, self.frozen, batch)
+        lowered = self.p_train.lower(self.state, self.frozen, self.refs, batch)
         traced = time.perf_counter()
         self._run = lowered.compile()
         compiled = time.perf_counter()

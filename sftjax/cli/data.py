@@ -6,7 +6,8 @@
 It reads the same Hydra configuration as `sftjax-train` (conf/, the same overrides and shorthands), so what it
 reports is what training will get: per task, records, kept, dropped (empty loss mask / over seq_len), truncated,
 tokens and trained tokens (mean and max lengths); packing efficiency over one epoch; N rendered examples with the
-trained tokens marked as [[...]]; the same for the eval split when there is one. `--json` prints one JSON object.
+trained tokens marked as [[...]] (a head task's examples with their label and class index, and its classes with
+the examples of each in the split); the same for the eval split when there is one. `--json` prints one JSON object.
 Bad input prints one line and exits with 2.
 """
 
@@ -67,11 +68,19 @@ def split_report(prepared: Prepared, tok: Tokenizer, show: int) -> dict:
     it = DataIterator(dataclasses.replace(prepared, config=one_epoch))
     rows = sum(1 for _ in it)
     tasks = []
-    for task_id, (st, examples) in enumerate(zip(prepared.stats, prepared.datasets)):
+    labels = prepared.labels or (None,) * len(prepared.datasets)
+    for task_id, (st, examples, classes) in enumerate(zip(prepared.stats, prepared.datasets, labels)):
         lengths = np.array([len(e.tokens) for e in examples])
+        shown = [{"where": e.where, "text": render_marked(tok, e)} for e in examples[:show]]
+        head = {}
+        if classes is not None:
+            counts = np.bincount(np.array([e.label for e in examples], np.int64), minlength=len(classes))
+            head = {"classes": {c: int(n) for c, n in zip(classes, counts)}}  # examples per class in this split
+            for item, e in zip(shown, examples):
+                item.update(label=classes[e.label], class_id=e.label)
         tasks.append({"task_id": task_id, **dataclasses.asdict(st), "used": len(examples),
-                      "mean_tokens": round(float(lengths.mean()), 1), "max_tokens": int(lengths.max()),
-                      "examples": [{"where": e.where, "text": render_marked(tok, e)} for e in examples[:show]]})
+                      "mean_tokens": round(float(lengths.mean()), 1), "max_tokens": int(lengths.max()), **head,
+                      "examples": shown})
     return {"tasks": tasks, "seq_len": prepared.config.seq_len, "rows_per_epoch": rows,
             "packing_efficiency": round(it.efficiency, 4)}
 
@@ -96,8 +105,15 @@ def print_text(result: dict) -> None:
                   f"{t['truncated']} truncated; {t['used']} in this split")
             print(f"  tokens {t['tokens']} (trained {t['trained_tokens']}), per example mean {t['mean_tokens']} "
                   f"max {t['max_tokens']}")
+            if "classes" in t:
+                classes = ", ".join(f"{i} {c!r} ({n})" for i, (c, n) in enumerate(t["classes"].items()))
+                print(f"  head: {len(t['classes'])} classes, examples in this split: {classes}")
             for ex in t["examples"]:
-                print(f"  --- {ex['where']} (trained tokens in {TRAINED_OPEN} {TRAINED_CLOSE})\n{ex['text']}")
+                if "label" in ex:
+                    print(f"  --- {ex['where']} (head example: label {ex['label']!r}, class {ex['class_id']}, "
+                          f"read at the last token)\n{ex['text']}")
+                else:
+                    print(f"  --- {ex['where']} (trained tokens in {TRAINED_OPEN} {TRAINED_CLOSE})\n{ex['text']}")
         print(f"packing: {r['rows_per_epoch']} rows of {r['seq_len']} per epoch, "
               f"efficiency {r['packing_efficiency']:.1%}")
 

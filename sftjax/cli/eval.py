@@ -4,9 +4,11 @@
     sftjax-eval --run runs/2026-11-24/12-00-00 --best --json               # on the run's own eval split
     sftjax-eval --run RUN_DIR --step 200 --data test.jsonl --output eval.json
 
-A task is one dataset, named by its file stem. Teacher-forced metrics are means over the trained tokens (the loss
-mask of training), every example counted once; exact match compares the greedy continuation of each example's
-prompt (its tokens before the first trained one), cut at EOS, with the trained tokens, both decoded and stripped.
+A task is one dataset, named by its file stem. Teacher-forced metrics are the run's objective's (SFT: means over the
+trained tokens, the loss mask of training; a head task: its head's loss and accuracy per example; distillation also
+the divergence from the teacher), every example counted once; exact match compares the greedy continuation of each
+example's prompt (its tokens before the first trained one), cut at EOS, with the trained tokens, both decoded and
+stripped (text tasks only).
 
 The settings come from the training configuration: with --model, the one `sftjax-train model=<MODEL>` would use;
 with --run, RUN_DIR/config.json, and the weights from RUN_DIR/checkpoints (the latest, --step N or --best),
@@ -19,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-import jax
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -38,9 +38,11 @@ from sftjax.data.tokenizer import Tokenizer
 from sftjax.errors import UserError
 from sftjax.model.config import PRESETS
 from sftjax.train import evaluate
-from sftjax.train.setup import build_data, build_model, build_tokenizer, restore_checkpoint
+from sftjax.train.references import load_references
+from sftjax.train.setup import (build_data, build_model, build_objective, build_tokenizer, restore_checkpoint,
+                                task_names)
 from sftjax.train.state import device_mesh, merge_params, replicate
-from sftjax.train.step import AXIS, eval_sums
+from sftjax.train.step import compile_eval
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,18 +96,19 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def eval_data(cfg: TrainConfig, tokenizer: Tokenizer, args: argparse.Namespace) -> Prepared:
-    """The --data files (under the run's data settings), or the run's eval split; every example once."""
+def eval_data(cfg: TrainConfig, tokenizer: Tokenizer, args: argparse.Namespace) -> tuple[Prepared, TrainConfig]:
+    """The --data files (under the run's data settings), or the run's eval split; every example once. And the
+    config whose data.train names those tasks (the objective's tasks)."""
     if args.data:
         sections = [DatasetSection(path=p, format=args.format, as_chat=args.as_chat) for p in args.data]
-        only = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=sections, eval=[], eval_fraction=0))
-        data = build_data(only, tokenizer, devices=1)[0]
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=sections, eval=[], eval_fraction=0))
+        data = build_data(cfg, tokenizer, devices=1)[0]
     else:
         data = build_data(cfg, tokenizer, devices=1)[1]
         if data is None:
             raise UserError(f"--run {args.run}: the run has no eval split (data.eval or data.eval_fraction); "
                             "give --data")
-    return evaluate.one_pass(data, args.max_examples)  # task names are unique: build_data checks
+    return evaluate.one_pass(data, args.max_examples), cfg  # task names are unique: build_data checks
 
 
 def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,25 +120,30 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(cfg)
     model_cfg, trainable, frozen = model.cfg, model.trainable, model.frozen
     tokenizer = build_tokenizer(cfg, model_cfg)
-    data = eval_data(cfg, tokenizer, args)
+    data, data_cfg = eval_data(cfg, tokenizer, args)
     step = None
     if args.run:
         trainable, step = restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
-    names = evaluate.task_names(data)
-    # The eval half of step.compile_steps, on one device.
-    p_eval = jax.pmap(functools.partial(eval_sums, cfg=model_cfg, num_tasks=len(names)), axis_name=AXIS,
-                      devices=jax.local_devices()[:1])
+    objective = build_objective(data_cfg, model_cfg, data.labels)
+    names = task_names(data_cfg)  # the run's task names for its eval split (metrics are keyed by them), or --data's
+    references = load_references(objective.references(), cfg.model)
+    objective = objective.bind({name: r.cfg for name, r in references.items()})
     mesh = device_mesh(1)
-    forced = evaluate.teacher_forced(p_eval, replicate(trainable, mesh), replicate(frozen, mesh), data, devices=1)
+    forced = evaluate.teacher_forced(compile_eval(objective, 1), objective, replicate(trainable, mesh),
+                                     replicate(frozen, mesh), replicate({n: r.params for n, r in references.items()},
+                                                                        mesh), data, devices=1)
     exact = {}
     if args.max_new_tokens:
         exact = evaluate.generation_accuracy(model_cfg, merge_params(frozen, trainable), tokenizer, data,
                                              args.max_new_tokens)
 
     def metrics(prefix: str, examples: int) -> dict[str, Any]:
-        return {"examples": examples, "tokens": int(forced[f"{prefix}tokens"]), "loss": forced[f"{prefix}loss"],
-                "ppl": forced[f"{prefix}ppl"], "accuracy": forced[f"{prefix}accuracy"],
-                "exact_match": exact.get(f"{prefix}exact_match")}
+        """The objective's metrics (SFT: tokens, loss, ppl, accuracy; a head task: loss, accuracy of its head)."""
+        out = {"examples": examples, **{key[len(prefix):]: value for key, value in forced.items()
+                                        if key.startswith(prefix) and "/" not in key[len(prefix):]}}
+        if "tokens" in out:
+            out["tokens"] = int(out["tokens"])
+        return {**out, "exact_match": exact.get(f"{prefix}exact_match")}
 
     return {"model": cfg.model.path, "run": args.run, "step": step,
             "tasks": {n: metrics(f"{n}/", len(d)) for n, d in zip(names, data.datasets)},
@@ -149,10 +157,10 @@ def print_table(result: dict[str, Any]) -> None:
     width = max(len(name) for name, _ in rows)
     print(f"{'task':<{width}}  {'examples':>8}  {'tokens':>8}  {'loss':>8}  {'ppl':>10}  {'token acc':>9}  "
           f"{'exact match':>11}")
+    show = lambda m, key, form: "-" if m.get(key) is None else format(m[key], form)  # noqa: E731
     for name, m in rows:
-        exact = "-" if m["exact_match"] is None else f"{m['exact_match']:.2%}"
-        print(f"{name:<{width}}  {m['examples']:>8}  {m['tokens']:>8}  {m['loss']:>8.4f}  {m['ppl']:>10.4g}  "
-              f"{m['accuracy']:>9.2%}  {exact:>11}")
+        print(f"{name:<{width}}  {m['examples']:>8}  {show(m, 'tokens', 'd'):>8}  {show(m, 'loss', '.4f'):>8}  "
+              f"{show(m, 'ppl', '.4g'):>10}  {show(m, 'accuracy', '.2%'):>9}  {show(m, 'exact_match', '.2%'):>11}")
 
 
 def write_output(path: str, result: dict[str, Any]) -> None:

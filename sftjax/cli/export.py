@@ -4,12 +4,16 @@
     sftjax-export --run RUN_DIR --best --format peft --out adapter/  # PEFT adapter of a lora / qlora run
     sftjax-export --run RUN_DIR --requantize --out merged/        # qlora: merge, re-quantize, save the 4-bit values
     sftjax-export --adapter peft_adapter/ --model base/ --out merged/  # merge any PEFT LoRA adapter into its base
+    sftjax-export --run RUN_DIR --head sentiment --out classifier/  # a task head as <Family>ForSequenceClassification
 
 merged: the adapters are folded into the base weights (W + scale * A B, in float32) and the result is written as
 an HF checkpoint in --dtype (default: the base's). A 4-bit (qlora) base is dequantized before merging; the
 relative error that re-quantizing the merged weights would cause is printed, and --requantize saves the
 re-quantized values (a float checkpoint whose linear weights are exactly representable in the base's 4-bit code).
 peft: adapter_config.json + adapter_model.safetensors for `peft.PeftModel.from_pretrained(base, OUT)`.
+A run with task heads (objective=heads) also writes them beside either: heads.safetensors and heads.json
+(`sftjax.load_heads(OUT)`). --head TASK instead writes that task's head with the merged model as a transformers
+`<Family>ForSequenceClassification` checkpoint (`sftjax.load_classifier(OUT)` reads it back).
 
 The run's settings come from RUN_DIR/config.json and its base from model.path (refused if the weights there are
 not the ones the run trained on). The tokenizer files of model.tokenizer (default model.path) are copied along.
@@ -29,10 +33,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sftjax.cli.common import add_checkpoint_choice, fail, one_line, run_config
 from sftjax.errors import UserError
+from sftjax.model.classifier import HEADS_TENSORS, save_classifier, save_heads
 from sftjax.model.config import DTYPES
 from sftjax.model.hf import load_pretrained, save_pretrained
 from sftjax.peft import lora, peft_io, quant
-from sftjax.train.setup import build_model, restore_checkpoint
+from sftjax.train.setup import build_model, build_tokenizer, restore_checkpoint
 from sftjax.train.state import merge_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -52,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                                   "or PEFT adapter")
     p.add_argument("--dtype", choices=DTYPES, help="storage dtype of the written weights (default: the base's)")
     p.add_argument("--requantize", action="store_true", help="qlora, merged: save the re-quantized merged weights")
+    p.add_argument("--head", metavar="TASK", help="write this task's head with the merged model as a transformers "
+                                                  "sequence-classification checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     return p.parse_args(argv)
 
@@ -61,9 +68,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--adapter needs --model (the base model directory the adapter was trained on)")
     if args.model and not args.adapter:
         raise UserError("--model goes with --adapter; a --run names its base in its config")
-    if args.adapter and (args.step is not None or args.best or args.format == "peft" or args.requantize):
-        raise UserError("--adapter merges a PEFT adapter into --model; --step, --best, --format peft and "
-                        "--requantize apply to --run")
+    if args.adapter and (args.step is not None or args.best or args.format == "peft" or args.requantize
+                         or args.head):
+        raise UserError("--adapter merges a PEFT adapter into --model; --step, --best, --format peft, "
+                        "--requantize and --head apply to --run")
+    if args.head and args.format == "peft":
+        raise UserError("--head writes a merged sequence-classification checkpoint; it does not go with --format peft")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
@@ -84,10 +94,19 @@ def _report(errors: dict[str, float]) -> str:
             f"{np.mean(list(errors.values())):.4f}, max {errors[worst]:.4f} ({worst})")
 
 
+def _heads_note(heads: dict) -> str:
+    return f"; task heads {', '.join(heads)} in {HEADS_TENSORS}" if heads else ""
+
+
 def export_run(args: argparse.Namespace) -> str:
     cfg = run_config(args.run, [])
     model = build_model(cfg)
     trainable, step = restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
+    heads = {task: np.asarray(h["kernel"]) for task, h in trainable.pop("heads", {}).items()}
+    classes = {s.name or Path(s.path).stem: s.labels for s in cfg.data.train if s.head}
+    if args.head and args.head not in heads:
+        raise UserError(f"--head {args.head}: run {args.run} has no head of that name (its heads: "
+                        f"{', '.join(heads) or 'none'})")
     extra = tokenizer_files(cfg.model.tokenizer or cfg.model.path)
     if args.format == "peft":
         if model.lora is None:
@@ -95,7 +114,9 @@ def export_run(args: argparse.Namespace) -> str:
                             "adapter: export --format merged")
         peft_io.save_adapter(args.out, model.cfg, model.lora, trainable, base_model_name_or_path=cfg.model.path,
                              dtype=args.dtype or "float32", overwrite=args.overwrite, extra_files=extra)
-        return f"wrote the PEFT adapter of {args.run} step {step} to {args.out}"
+        if heads:
+            save_heads(args.out, heads, classes)
+        return f"wrote the PEFT adapter of {args.run} step {step} to {args.out}{_heads_note(heads)}"
     if args.requantize and cfg.method.name != "qlora":
         raise UserError(f"--requantize: run {args.run} has a float base (method.name={cfg.method.name}); only a "
                         "qlora run has a 4-bit format to re-quantize into")
@@ -104,9 +125,18 @@ def export_run(args: argparse.Namespace) -> str:
     if model.lora is not None:
         params, errors = lora.merge(params, model.lora.scale, requantize=args.requantize)
         params = quant.dequantize_params(params)
-    save_pretrained(args.out, model.cfg, params, dtype=args.dtype or cfg.model.param_dtype,
-                    overwrite=args.overwrite, extra_files=extra)
-    return f"wrote the merged checkpoint of {args.run} step {step} to {args.out}{_report(errors)}"
+    dtype = args.dtype or cfg.model.param_dtype
+    if args.head:
+        tokenizer = build_tokenizer(cfg, model.cfg)
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        save_classifier(args.out, model.cfg, params, heads[args.head], classes[args.head], dtype=dtype,
+                        overwrite=args.overwrite, extra_files=extra, pad_token_id=pad)
+        return (f"wrote the {args.head} head of {args.run} step {step} with the merged model as a "
+                f"sequence-classification checkpoint to {args.out}{_report(errors)}")
+    save_pretrained(args.out, model.cfg, params, dtype=dtype, overwrite=args.overwrite, extra_files=extra)
+    if heads:
+        save_heads(args.out, heads, classes)
+    return f"wrote the merged checkpoint of {args.run} step {step} to {args.out}{_report(errors)}{_heads_note(heads)}"
 
 
 def export_adapter(args: argparse.Namespace) -> str:

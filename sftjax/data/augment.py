@@ -8,7 +8,8 @@ Iyyer et al. 2015, and EDA's random replacement, Wei & Zou 2019).
 
 Eligible: token j of an example that is neither its first token (BOS / turn start), nor a trained token
 (loss_mask[j - 1] = 1: j is a completion token), nor the token that predicts a trained token (loss_mask[j] = 1:
-the cue right before the answer). Targets are left as they are: the noised positions' targets are never trained.
+the cue right before the answer), nor the last token of a head example (class_ids >= 0: the token its
+classification head reads). Targets are left as they are: the noised positions' targets are never trained.
 Use it only where the answer does not depend on every prompt token (classification of a text, not arithmetic).
 """
 
@@ -22,7 +23,8 @@ def eligible(batch: dict[str, np.ndarray]) -> np.ndarray:
     mask = batch["loss_mask"] > 0
     trained_before = np.zeros_like(mask)
     trained_before[..., 1:] = mask[..., :-1]
-    return (batch["segment_ids"] > 0) & (batch["positions"] > 0) & ~mask & ~trained_before
+    ok = (batch["segment_ids"] > 0) & (batch["positions"] > 0) & ~mask & ~trained_before
+    return ok & (batch["class_ids"] < 0) if "class_ids" in batch else ok
 
 
 def prompt_noise(batch: dict[str, np.ndarray], rates: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -12,6 +12,13 @@ an `Example`: either chat `messages` (rendered later by the model's chat templat
 text (text records have an empty prompt). `as_chat=True` turns prompt/completion and Alpaca records into a
 user/assistant exchange so that they, too, go through the chat template.
 
+Classification heads (`head=True`): every record is its prompt plus a class label. The label is the record's
+`label` field when present (a string; a JSON integer or boolean becomes its text: 1 -> "1", true -> "true"),
+else its completion: `completion`, `output`, or the content of a chat's final assistant message (which is then
+left out of the example's messages). It is stripped of surrounding whitespace and must not be empty. With a
+`label` field the completion is optional (`{"prompt": ..., "label": ...}`), and chat messages are kept whole.
+`text` records cannot have a head.
+
 Every bad input raises `DataError` with one line naming `file:line` (the line where the record starts, also inside
 a JSON array) and what is wrong: missing file, bytes that are not UTF-8, invalid JSON, a record that is not an
 object, a missing or mistyped field, an unknown role, an empty dataset.
@@ -42,12 +49,16 @@ _SHOW_CHARS = 60  # longest value quoted in an error message, so it stays one li
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One training example. Chat: `messages` is set. Plain: prompt (not trained by default) + completion."""
+    """One training example. Chat: `messages` is set. Plain: prompt (not trained by default) + completion.
+
+    A head example (label set) is its prompt only: plain `prompt` (completion empty) or chat `messages`.
+    """
 
     where: str  # "file:line", for error messages and the data report
     messages: tuple[dict[str, Any], ...] | None = None
     prompt: str = ""
     completion: str = ""
+    label: str | None = None  # the class of a head example (see the module docstring); None: trained as text
 
 
 def _show(value: Any) -> str:
@@ -60,13 +71,15 @@ def _type_name(value: Any) -> str:
         type(value), "number")
 
 
-def detect_format(record: dict[str, Any], where: str) -> str:
-    """The format a record's keys indicate. Raises DataError if none fits."""
+def detect_format(record: dict[str, Any], where: str, head: bool = False) -> str:
+    """The format a record's keys indicate (head: a `label` field may stand for the completion). Raises DataError
+    if none fits."""
+    labelled = head and "label" in record
     if "messages" in record:
         return "chat"
-    if "prompt" in record and "completion" in record:
+    if "prompt" in record and ("completion" in record or labelled):
         return "prompt_completion"
-    if "instruction" in record and "output" in record:
+    if "instruction" in record and ("output" in record or labelled):
         return "alpaca"
     if "text" in record:
         return "text"
@@ -115,19 +128,57 @@ def _messages(record: dict[str, Any], where: str) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
-def parse_record(record: Any, fmt: str, where: str, as_chat: bool = False) -> Example:
-    """Validate one decoded JSON record of format `fmt` -> Example. Raises DataError naming `where`."""
+def _label(record: dict[str, Any], where: str, completion: str | None) -> str:
+    """A head example's class: the `label` field (string, integer or boolean, as text) else `completion`."""
+    if "label" in record:
+        value = record["label"]
+        if isinstance(value, bool):  # before int: a JSON boolean is a Python int too
+            completion = "true" if value else "false"
+        elif isinstance(value, (int, str)):
+            completion = str(value)
+        else:
+            raise DataError(f"{where}: field 'label' must be a string, integer or boolean, got {_type_name(value)} "
+                            f"{_show(value)}")
+    label = (completion or "").strip()
+    if not label:
+        raise DataError(f"{where}: no label (a head dataset needs a 'label' field or a non-empty completion)")
+    return label
+
+
+def _head_chat(record: dict[str, Any], where: str) -> Example:
+    """A chat head example: the label field with the messages whole, or the final assistant turn's content."""
+    messages = _messages(record, where)
+    if "label" in record:
+        return Example(where, messages=messages, label=_label(record, where, None))
+    final = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+    label = _label(record, where, final)
+    if len(messages) == 1:
+        raise DataError(f"{where}: no message before the final assistant turn (a head example's input is the "
+                        "conversation before its label)")
+    return Example(where, messages=messages[:-1], label=label)
+
+
+def parse_record(record: Any, fmt: str, where: str, as_chat: bool = False, head: bool = False) -> Example:
+    """Validate one decoded JSON record of format `fmt` -> Example. Raises DataError naming `where`.
+
+    head: the record is a classification example (its prompt and `label`; see the module docstring).
+    """
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
+    if head and fmt == "text":
+        raise DataError(f"{where}: format text cannot have a classification head (head=true needs chat, "
+                        "prompt_completion or alpaca records)")
     if fmt == "chat":
-        return Example(where, messages=_messages(record, where))
+        return _head_chat(record, where) if head else Example(where, messages=_messages(record, where))
     if fmt == "text":
         return Example(where, completion=_string(record, "text", where))
+    optional = head and "label" in record  # the label field stands for the completion
     if fmt == "prompt_completion":
-        prompt, completion = _string(record, "prompt", where), _string(record, "completion", where)
+        prompt, completion = _string(record, "prompt", where), _string(record, "completion", where, optional)
     elif fmt == "alpaca":
         instruction = _string(record, "instruction", where)
-        extra, completion = _string(record, "input", where, optional=True), _string(record, "output", where)
+        extra = _string(record, "input", where, optional=True)
+        completion = _string(record, "output", where, optional)
         if as_chat:
             prompt = instruction if not extra else f"{instruction}\n\n{extra}"
         else:
@@ -135,6 +186,11 @@ def parse_record(record: Any, fmt: str, where: str, as_chat: bool = False) -> Ex
             prompt = template.format(instruction=instruction, input=extra)
     else:
         raise DataError(f"format={fmt!r}: unknown format (expected auto or one of {', '.join(FORMATS)})")
+    if head:
+        label = _label(record, where, completion)
+        if as_chat:
+            return Example(where, messages=({"role": "user", "content": prompt},), label=label)
+        return Example(where, prompt=prompt, label=label)
     if as_chat:
         return Example(where, messages=({"role": "user", "content": prompt},
                                         {"role": "assistant", "content": completion}))
@@ -214,10 +270,12 @@ def read_records(path: str | Path):
         yield from _jsonl_records(raw, path)
 
 
-def read_dataset(path: str | Path, format: str = "auto", as_chat: bool = False) -> list[Example]:  # noqa: A002
+def read_dataset(path: str | Path, format: str = "auto", as_chat: bool = False,  # noqa: A002
+                 head: bool = False) -> list[Example]:
     """Read and validate every record of a local JSONL / JSON file -> examples, in file order.
 
     format: "auto" (detected from the first record's keys) or one of FORMATS.
+    head: a classification dataset: every example gets its `label` (see the module docstring).
     """
     if format != "auto" and format not in FORMATS:
         raise DataError(f"format={format!r}: unknown format (expected auto or one of {', '.join(FORMATS)})")
@@ -227,8 +285,8 @@ def read_dataset(path: str | Path, format: str = "auto", as_chat: bool = False) 
         if format == "auto":
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
-            format = detect_format(record, where)  # noqa: A001
-        examples.append(parse_record(record, format, where, as_chat))
+            format = detect_format(record, where, head)  # noqa: A001
+        examples.append(parse_record(record, format, where, as_chat, head))
     if not examples:
         raise DataError(f"{path}: empty dataset (no records)")
     return examples

@@ -22,6 +22,12 @@ EOS: with `append_eos`, plain examples get EOS appended and trained (unless the 
 there); chat examples get it only when the final trained turn contains no control token (a template without an
 end-of-turn marker), since the template's own end of turn (<|im_end|>, <|eot_id|>) is already trained.
 
+Head examples (`Example.label` set, for a classification head that reads the hidden state of the LAST token, as
+transformers' `*ForSequenceClassification` pools): the prompt only, nothing trained as text (mask all False, no EOS
+appended). Plain: the prompt encoded with the tokenizer's special tokens (its post-processor's BOS). Chat: the
+messages rendered with the generation prompt, so the last token is the one that would start the reply (with no
+generation prompt when the conversation already ends with an assistant turn: a `label` field classifying it whole).
+
 Shapes: `Tokenized.tokens` [L] int32, `Tokenized.mask` [L] bool where mask[t] says token t is a trained target
 (predicted from tokens < t).
 """
@@ -46,11 +52,16 @@ Span = tuple[int, int]
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Tokenized:
-    """A tokenized example: tokens [L] int32, mask [L] bool (trained targets), source location."""
+    """A tokenized example: tokens [L] int32, mask [L] bool (trained targets), source location, class index.
+
+    label: the class index of a head example, read from its last token. Tokenizing leaves it -1; `pipeline.prepare`
+    sets it once the dataset's classes are known (they may be collected from the whole dataset). -1: an LM example.
+    """
 
     tokens: np.ndarray
     mask: np.ndarray
     where: str
+    label: int = -1
 
     @property
     def num_trained(self) -> int:
@@ -125,7 +136,14 @@ def tokenize_examples(examples: Sequence[Example], tok: Tokenizer, mode: str = "
         raise DataError(f"{tok.source}: append_eos needs an eos_token in tokenizer_config.json (or append_eos=false)")
     texts, spans, is_chat = [], [], []
     for ex in examples:
-        if ex.messages is not None:
+        if ex.label is not None:  # a head example: its prompt, nothing trained as text
+            sp = []
+            if ex.messages is None:
+                text = ex.prompt
+            else:
+                generation_prompt = ex.messages[-1]["role"] != "assistant"
+                text, _ = _render(tok, ex.messages, ex.where, template_kwargs or {}, generation_prompt)
+        elif ex.messages is not None:
             text, sp = chat_spans(tok, ex.messages, mode, ex.where, template_kwargs)
         else:
             text = ex.prompt + ex.completion
@@ -143,6 +161,11 @@ def tokenize_examples(examples: Sequence[Example], tok: Tokenizer, mode: str = "
     for ex, enc, sp, chat in zip(examples, encodings, spans, is_chat):
         ids = np.asarray(enc.ids, np.int32)
         mask = _offset_mask(enc.offsets, sp)
+        if ex.label is not None:
+            if not len(ids):
+                raise DataError(f"{ex.where}: the prompt is empty (a head example needs at least one token)")
+            out.append(Tokenized(ids, mask, ex.where))
+            continue
         if append_eos and _needs_eos(special_ids, ids, enc.offsets, sp, chat):
             if len(ids) and ids[-1] == eos and not chat:
                 mask[-1] = True  # the post-processor appended EOS already

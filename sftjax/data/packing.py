@@ -9,17 +9,21 @@ and each is computed exactly as if alone (tested through `forward`). Methods:
     none    padding mode: one example per row
 
 Row layout (all [R, T]): tokens, targets (targets[t] = tokens[t + 1] inside the same segment), loss_mask (float32,
-1 where targets[t] is a trained token of the same segment), segment_ids, positions, task_ids (-1 on padding).
-The last token of a segment predicts nothing, so a row never learns across an example boundary.
+1 where targets[t] is a trained token of the same segment), segment_ids, positions, task_ids (-1 on padding),
+class_ids (the class index of a head example at its segment's LAST token, the one a classification head reads;
+-1 everywhere else, on padding and for LM examples). The last token of a segment predicts nothing, so a row never
+learns across an example boundary.
 
 Over-long examples (L > T): "drop", "error", or "truncate", which keeps the completion: it cuts prompt tokens from
 the left (keeping BOS and one token of context before the first trained token), then, only if still too long,
-cuts the end.
+cuts the end. A head example has no trained token, so truncating it keeps BOS and its end (the last token is
+what the head reads).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,7 +33,7 @@ from sftjax.data.masking import Tokenized
 
 PACKING = ("bfd", "greedy", "none")
 OVER_LONG = ("truncate", "drop", "error")
-ROW_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "task_ids")
+ROW_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "task_ids", "class_ids")
 
 
 def fit_length(ex: Tokenized, seq_len: int, policy: str, bos_id: int | None) -> Tokenized | None:
@@ -49,7 +53,7 @@ def fit_length(ex: Tokenized, seq_len: int, policy: str, bos_id: int | None) -> 
     keep_bos = int(bos_id is not None and ex.tokens[0] == bos_id)
     cut = min(length - seq_len, max(first - 1 - keep_bos, 0))  # prompt tokens removed after BOS
     keep = np.r_[0:keep_bos, keep_bos + cut:length][:seq_len]
-    return Tokenized(ex.tokens[keep], ex.mask[keep], ex.where)
+    return dataclasses.replace(ex, tokens=ex.tokens[keep], mask=ex.mask[keep])
 
 
 def pack_bins(lengths: Sequence[int], seq_len: int, method: str = "bfd") -> list[list[int]]:
@@ -97,6 +101,7 @@ def build_rows(examples: Sequence[Tokenized], task_ids: Sequence[int], bins: Seq
         "segment_ids": np.zeros((R, T), np.int32),
         "positions": np.zeros((R, T), np.int32),
         "task_ids": np.full((R, T), -1, np.int32),
+        "class_ids": np.full((R, T), -1, np.int32),
     }
     for r, members in enumerate(bins):
         offset = 0
@@ -110,6 +115,7 @@ def build_rows(examples: Sequence[Tokenized], task_ids: Sequence[int], bins: Seq
             rows["segment_ids"][r, offset:end] = segment
             rows["positions"][r, offset:end] = np.arange(n)
             rows["task_ids"][r, offset:end] = task_ids[i]
+            rows["class_ids"][r, end - 1] = ex.label  # -1 for an LM example
             offset = end
     return rows
 

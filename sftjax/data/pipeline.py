@@ -4,7 +4,8 @@
 needed for packing anyway) and counts what was dropped or truncated. `DataIterator` then streams batches:
 
     batch[key]: [devices, per_device_batch, seq_len] numpy arrays for key in
-    tokens, targets, loss_mask (float32), segment_ids (0 = padding), positions, task_ids (-1 = padding)
+    tokens, targets, loss_mask (float32), segment_ids (0 = padding), positions, task_ids (-1 = padding),
+    class_ids (int32: a head example's class index at its last token, -1 elsewhere)
 
 ready for `jax.pmap` (see `packing.py` for the row layout). The stream is the mixture order of `mixture.py` cut
 into windows of `pack_window` examples, each window packed on its own (deterministically). Best-fit decreasing
@@ -14,6 +15,11 @@ instead of holding one task at a time. Greedy rows keep the stream order (pre-tr
 The iterator state is {"epoch", "position" (window start in the epoch's order), "row" (rows of that window already
 emitted), "seed", "fingerprint"}: small, JSON-serializable, and enough to rebuild the exact stream, since rows do
 not depend on the batch size or the number of devices.
+
+Classification heads: a dataset with `head=True` is not trained as text. Each example is its prompt (nothing in
+loss_mask) and its class, whose index sits in class_ids at the example's last token. The classes are the
+dataset's `labels` when given (a record outside them is an error), else the sorted set of its records' labels;
+`Prepared.labels` holds them per task (None for an LM task), in class-index order.
 
 Multi-host: every process computes the same global stream (so all agree on the number of batches and share one
 state) and keeps its own slice of each global batch of process_count * devices * per_device_batch rows. A final
@@ -31,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from sftjax.data.errors import DataError
-from sftjax.data.formats import read_dataset
+from sftjax.data.formats import Example, read_dataset
 from sftjax.data.masking import Tokenized, tokenize_examples
 from sftjax.data.mixture import epoch_order
 from sftjax.data.packing import ROW_KEYS, build_rows, empty_rows, fit_length, pack_bins
@@ -48,6 +54,8 @@ class DatasetSpec:
     format: str = "auto"  # auto | chat | prompt_completion | alpaca | text
     name: str | None = None  # task name in reports (default: the file stem); the task id is the list index
     as_chat: bool = False  # render prompt/completion and Alpaca records through the chat template
+    head: bool = False  # a classification task: each example is its prompt and a class label (see formats.py)
+    labels: tuple[str, ...] = ()  # the head's classes in index order; (): the sorted labels of this dataset
 
 
 @dataclasses.dataclass
@@ -77,6 +85,7 @@ class DatasetStats:
     truncated: int = 0
     tokens: int = 0  # after truncation, kept examples
     trained_tokens: int = 0
+    head_examples: int = 0  # kept examples with a class label (a head task: all of them)
 
 
 @dataclasses.dataclass(eq=False)
@@ -85,10 +94,30 @@ class Prepared:
     datasets: list[list[Tokenized]]  # per task, kept examples in file order
     stats: list[DatasetStats]
     pad_id: int
+    labels: tuple[tuple[str, ...] | None, ...] = ()  # per task: the classes of its head, or None (an LM task)
+
+
+def _classes(spec: DatasetSpec, name: str, examples: list[Example]) -> tuple[str, ...]:
+    """The classes of a head dataset: spec.labels (every record's label must be one), else its sorted labels."""
+    classes = tuple(spec.labels) or tuple(sorted({ex.label for ex in examples}))
+    if len(set(classes)) != len(classes):
+        raise DataError(f"{spec.path}: labels {list(classes)} name a class twice")
+    if len(classes) < 2:
+        raise DataError(f"{spec.path}: a head dataset needs at least 2 classes, got {len(classes)} "
+                        f"({', '.join(classes)})")
+    known = set(classes)
+    for ex in examples:
+        if ex.label not in known:
+            raise DataError(f"{ex.where}: label {ex.label!r} is not one of the classes of {name}: "
+                            f"{', '.join(classes)}")
+    return classes
 
 
 def prepare(config: DataConfig, tokenizer: Tokenizer) -> Prepared:
-    """Read, validate, tokenize, mask and fit every dataset. Raises DataError on bad input or no trainable token."""
+    """Read, validate, tokenize, mask and fit every dataset. Raises DataError on bad input or no trainable token.
+
+    Head datasets keep every example that fits (nothing is trained as text) with its class index set.
+    """
     if not config.datasets:
         raise DataError("data.datasets: no dataset given")
     if config.seq_len < 2:
@@ -97,14 +126,19 @@ def prepare(config: DataConfig, tokenizer: Tokenizer) -> Prepared:
     weights = [d.weight for d in config.datasets]
     if any(w is None for w in weights) and not all(w is None for w in weights):
         raise DataError("data.datasets[*].weight: give a weight for every dataset or for none")
-    datasets, stats = [], []
+    datasets, stats, labels = [], [], []
     for spec in config.datasets:
         st = DatasetStats(spec.name or Path(spec.path).stem, spec.path)
-        examples = read_dataset(spec.path, spec.format, spec.as_chat)
+        examples = read_dataset(spec.path, spec.format, spec.as_chat, spec.head)
         st.records = len(examples)
+        classes = _classes(spec, st.name, examples) if spec.head else None
+        tokenized = tokenize_examples(examples, tokenizer, config.mask, config.append_eos, config.template_kwargs)
+        if classes is not None:
+            index = {c: i for i, c in enumerate(classes)}
+            tokenized = [dataclasses.replace(t, label=index[e.label]) for t, e in zip(tokenized, examples)]
         kept = []
-        for ex in tokenize_examples(examples, tokenizer, config.mask, config.append_eos, config.template_kwargs):
-            if ex.num_trained == 0:
+        for ex in tokenized:
+            if ex.num_trained == 0 and ex.label < 0:
                 st.dropped_empty_mask += 1
                 continue
             fitted = fit_length(ex, config.seq_len, config.over_long, tokenizer.bos_id)
@@ -113,12 +147,16 @@ def prepare(config: DataConfig, tokenizer: Tokenizer) -> Prepared:
                 continue
             if fitted is not ex:
                 st.truncated += 1
-                if fitted.num_trained == 0:
+                if fitted.num_trained == 0 and fitted.label < 0:
                     st.dropped_empty_mask += 1
                     continue
             kept.append(fitted)
             st.tokens += len(fitted.tokens)
             st.trained_tokens += fitted.num_trained
+            st.head_examples += int(fitted.label >= 0)
+        if not kept and spec.head:
+            raise DataError(f"{spec.path}: no example kept ({st.records} records, {st.dropped_too_long} over "
+                            f"seq_len={config.seq_len})")
         if not kept:
             raise DataError(f"{spec.path}: no trainable token in the dataset ({st.records} records: "
                             f"{st.dropped_empty_mask} with an empty loss mask, {st.dropped_too_long} over "
@@ -126,8 +164,9 @@ def prepare(config: DataConfig, tokenizer: Tokenizer) -> Prepared:
         st.kept = len(kept)
         datasets.append(kept)
         stats.append(st)
+        labels.append(classes)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    return Prepared(config, datasets, stats, pad_id)
+    return Prepared(config, datasets, stats, pad_id, tuple(labels))
 
 
 def fingerprint(prepared: Prepared) -> str:
@@ -136,6 +175,8 @@ def fingerprint(prepared: Prepared) -> str:
     keys = dict(sizes=[len(d) for d in prepared.datasets], tokens=[s.tokens for s in prepared.stats],
                 weights=[d.weight for d in cfg.datasets], seq_len=cfg.seq_len, packing=cfg.packing,
                 pack_window=cfg.pack_window, mask=cfg.mask, append_eos=cfg.append_eos, over_long=cfg.over_long)
+    if any(c is not None for c in prepared.labels):  # only with heads: LM-only fingerprints stay as they were
+        keys["labels"] = [None if c is None else list(c) for c in prepared.labels]
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 

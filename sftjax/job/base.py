@@ -41,10 +41,12 @@ log = logging.getLogger("sftjax")
 BASE_RECIPE = 2
 
 
-def base_config(vocab_size: int) -> ModelConfig:
+def base_config(vocab_size: int, num_layers: int = 4) -> ModelConfig:
     """The base: a 4-layer Llama (D 128, 4 query / 2 key-value heads, FFN 384, tied embeddings): 1.3M parameters
-    at a 4096 vocabulary, small enough to pre-train in minutes on a 2-core CPU."""
-    return ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4,
+    at a 4096 vocabulary, small enough to pre-train in minutes on a 2-core CPU. num_layers (builtin.base_layers):
+    a shallower base of the same width, e.g. a distillation student (2 layers: 0.9M parameters)."""
+    return ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
+                       num_layers=num_layers,
                        num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
                        tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-5,
                        bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
@@ -94,7 +96,7 @@ def _pretrain_config(settings: BuiltinSection, root: Path, model_dir: Path, corp
 
 def base_key_parts(corpus_fingerprint: str, settings: BuiltinSection) -> list:
     """Everything that shapes the cached base (module docstring); written into its done.json."""
-    arch = base_config(settings.vocab_size)
+    arch = base_config(settings.vocab_size, settings.base_layers)
     return [corpus_fingerprint, json.dumps(dataclasses.asdict(arch), sort_keys=True, default=str),
             settings.vocab_size, settings.pretrain_steps, settings.pretrain_batch, settings.pretrain_seq_len,
             settings.pretrain_lr, BASE_RECIPE, jax.__version__]
@@ -117,7 +119,7 @@ def ensure_builtin(template: TrainConfig) -> Builtin:
     # trained tokens (measured at 128-token rows), against 73% with records of a whole row packed greedily.
     corpus = corpus_lib.build_corpus(cache / f"corpus-{version}",
                                      record_chars=int(0.75 * 3.3 * settings.pretrain_seq_len))
-    arch = base_config(settings.vocab_size)
+    arch = base_config(settings.vocab_size, settings.base_layers)
     key_parts = base_key_parts(corpus.fingerprint, settings)
     root = cache / f"builtin-{version}-{base_key(key_parts)}"
     base_dir, done = root / "base", root / "done.json"

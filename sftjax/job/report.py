@@ -14,12 +14,10 @@ loss_curves.png (pre-training and fine-tuning curves) and accuracy.png.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from sftjax.config import TrainConfig
@@ -29,8 +27,9 @@ from sftjax.data.tokenizer import Tokenizer
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import Params
 from sftjax.train import evaluate
+from sftjax.objectives import sft
 from sftjax.train.state import device_mesh, replicate
-from sftjax.train.step import AXIS, eval_sums
+from sftjax.train.step import compile_eval
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -57,10 +56,11 @@ def _prepared(paths: list[tuple[str, Path]], tokenizer: Tokenizer, seq_len: int,
 
 def corpus_loss(cfg: ModelConfig, params: Params, data: Prepared, max_batches: int) -> float:
     """Mean next-token loss of `params` on the held-out corpus (teacher forced, one device)."""
-    p_eval = jax.pmap(functools.partial(eval_sums, cfg=cfg, num_tasks=1), axis_name=AXIS,
-                      devices=jax.local_devices()[:1])
+    objective = sft.SFT(cfg, tuple(evaluate.task_names(data)))
     mesh = device_mesh(1)
-    result = evaluate.teacher_forced(p_eval, replicate(params, mesh), replicate({}, mesh), data, 1, max_batches)
+    empty = replicate({}, mesh)
+    result = evaluate.teacher_forced(compile_eval(objective, 1), objective, replicate(params, mesh), empty, empty,
+                                     data, 1, max_batches)
     return result["loss"]
 
 

@@ -229,6 +229,18 @@ def save_pretrained(path: str | Path, cfg: ModelConfig, params: Params, *, dtype
     extra_files (e.g. the tokenizer's) are copied in with the checkpoint.
     """
     directory = Path(path)
+    check_writable(directory, overwrite)
+    save_dtype = _check_dtype(dtype or cfg.param_dtype)
+    tensors = params_to_hf(cfg, params, save_dtype)
+    hf_config = to_hf_dict(cfg.replace(param_dtype=save_dtype))
+    generation = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
+                  "eos_token_id": hf_config["eos_token_id"]}
+    write_checkpoint(directory, tensors, hf_config, generation=generation, max_shard_size=max_shard_size,
+                     extra_files=extra_files)
+
+
+def check_writable(directory: Path, overwrite: bool) -> None:
+    """Refuse to write over a checkpoint (config.json or model*) unless overwrite, or over a non-directory."""
     existing = [p.name for p in directory.glob("*") if p.name == "config.json" or p.name.startswith("model")] \
         if directory.is_dir() else []
     if existing and not overwrite:
@@ -236,9 +248,14 @@ def save_pretrained(path: str | Path, cfg: ModelConfig, params: Params, *, dtype
                               f"pass overwrite=True to replace it")
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a directory")
-    save_dtype = _check_dtype(dtype or cfg.param_dtype)
-    tensors = params_to_hf(cfg, params, save_dtype)
-    hf_config = to_hf_dict(cfg.replace(param_dtype=save_dtype))
+
+
+def write_checkpoint(directory: Path, tensors: dict[str, np.ndarray], hf_config: dict, *,
+                     generation: dict | None = None, max_shard_size: int | str = "5GB",
+                     extra_files: tuple[Path, ...] = ()) -> None:
+    """Write HF tensors {name: array in torch layout} as safetensors (sharded above max_shard_size), config.json
+    and, if given, generation_config.json into `directory`, atomically (see `staged`); shards of an older
+    checkpoint that the new set does not replace are deleted. Callers check `check_writable` first."""
     shards = _shards(tensors, _parse_size(max_shard_size))
     with staged(directory, extra_files, stale="model*.safetensors*") as staging:
         metadata = {"format": "pt"}  # transformers refuses safetensors files without it
@@ -253,9 +270,8 @@ def save_pretrained(path: str | Path, cfg: ModelConfig, params: Params, *, dtype
             index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
             (staging / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        generation = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
-                      "eos_token_id": hf_config["eos_token_id"]}
-        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if generation is not None:
+            (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -278,4 +294,4 @@ def staged(directory: Path, extra_files: tuple[Path, ...] = (), stale: str | Non
             os.replace(file, directory / file.name)
 
 __all__ = ["load_pretrained", "save_pretrained", "read_tensors", "params_from_hf", "params_to_hf",
-           "hf_tensor_names"]
+           "hf_tensor_names", "check_writable", "write_checkpoint"]

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning objective: next-token cross-entropy on the trained tokens.
+"""Supervised fine-tuning objective (`objective=sft`, the default): next-token cross-entropy on the trained tokens.
 
 The loss is returned as a *sum* over tokens together with the number of trained tokens; the train step adds sums
 over micro-batches and devices and divides once by the global count. So the loss of a step is the mean over all
@@ -15,12 +15,17 @@ at most a few sizes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import Params, hidden_states, lm_head
+from sftjax.objectives.base import Batch, Context, Objective, array_module, per_task, ratio
+
+NAME = "sft"
 
 # Sizes K (fractions of the B*T slots of a micro-batch) the labeled-position path is compiled for; a batch with
 # more trained tokens than the largest computes every position's logits.
@@ -60,31 +65,84 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Arr
     return log_z - target_logit, correct
 
 
+def at_trained(batch: Batch, *xs: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+    """([x at the trained positions for x in xs], weight): with batch["label_index"] [K] each x [B, T, ...] becomes
+    [1, K, ...] (entries -1 are padding, weight 0); without it, xs are returned whole. weight: float32 loss_mask
+    at the same positions."""
+    weight = batch["loss_mask"].astype(jnp.float32)
+    if "label_index" not in batch:
+        return list(xs), weight
+    index = batch["label_index"]  # [K]
+    valid = index >= 0
+    index = jnp.where(valid, index, 0)
+    take = lambda x: x.reshape(-1, *x.shape[2:])[index][None]  # [B, T, ...] -> [1, K, ...]  # noqa: E731
+    return [take(x) for x in xs], take(weight) * valid[None]
+
+
+def lm_sums(nll: jax.Array, correct: jax.Array, weight: jax.Array, task: jax.Array, num_tasks: int) -> dict:
+    """The LM sums of per-position nll, correct, weight and task id (all [B, T] or [1, K]): overall and per task."""
+    task = jnp.clip(task, 0, num_tasks - 1)
+    by_task = lambda x: jax.ops.segment_sum(x.reshape(-1), task.reshape(-1), num_tasks)  # noqa: E731
+    return {
+        "loss": jnp.sum(nll * weight),
+        "weight": jnp.sum(weight),
+        "correct": jnp.sum(correct * weight),
+        "task_loss": by_task(nll * weight),
+        "task_weight": by_task(weight),
+        "task_correct": by_task(correct * weight),
+    }
+
+
+def lm_metrics(sums: dict, tasks: tuple[str, ...]) -> dict:
+    """loss, ppl, accuracy (of the greedy next-token choice) and tokens, overall and per task, from `lm_sums`."""
+    xp = array_module(sums["weight"])
+    out = {}
+    for prefix, (loss, weight, correct) in {"": ("loss", "weight", "correct"),
+                                            "task_": ("task_loss", "task_weight", "task_correct")}.items():
+        mean = ratio(sums[loss], sums[weight])
+        values = {"loss": mean, "ppl": xp.exp(xp.minimum(mean, 50.0)), "accuracy": ratio(sums[correct], sums[weight]),
+                  "tokens": sums[weight]}
+        for key, value in values.items():
+            out.update(per_task(key, value, tasks) if prefix else {key: value})
+    return out
+
+
 def sft_sums(cfg: ModelConfig, params: Params, batch: dict[str, jax.Array], dropout_rng=None,
              num_tasks: int = 1) -> dict[str, jax.Array]:
-    """Sums over one micro-batch (batch arrays [B, T]).
-
-    Returns loss_sum and tokens (scalars), correct (scalar), and per task (from task_ids) task_loss_sum,
-    task_tokens, task_correct [num_tasks]. Tokens with loss_mask 0 count nowhere. With batch["label_index"] [K]
-    the logits are computed at those K flat positions only (entries -1 are padding); the sums are the same.
+    """`lm_sums` of one micro-batch (batch arrays [B, T]): loss (summed NLL), weight (trained tokens), correct,
+    and per task (from task_ids) task_loss, task_weight, task_correct [num_tasks]. Tokens with loss_mask 0 count
+    nowhere. With batch["label_index"] [K] the logits are computed at those K flat positions only; the sums are
+    the same.
     """
     h = hidden_states(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"], dropout_rng)
-    targets, weight, task = batch["targets"], batch["loss_mask"].astype(jnp.float32), batch["task_ids"]
-    if "label_index" in batch:
-        index = batch["label_index"]  # [K]
-        valid = index >= 0
-        index = jnp.where(valid, index, 0)
-        take = lambda x: x.reshape(-1, *x.shape[2:])[index][None]  # [B, T, ...] -> [1, K, ...]  # noqa: E731
-        h, targets, task = take(h), take(targets), take(task)
-        weight = take(weight) * valid[None]
+    (h, targets, task), weight = at_trained(batch, h, batch["targets"], batch["task_ids"])
     nll, correct = token_nll(lm_head(cfg, params, h), targets)
-    task = jnp.clip(task, 0, num_tasks - 1)
-    per_task = lambda x: jax.ops.segment_sum(x.reshape(-1), task.reshape(-1), num_tasks)  # noqa: E731
-    return {
-        "loss_sum": jnp.sum(nll * weight),
-        "tokens": jnp.sum(weight),
-        "correct": jnp.sum(correct * weight),
-        "task_loss_sum": per_task(nll * weight),
-        "task_tokens": per_task(weight),
-        "task_correct": per_task(correct * weight),
-    }
+    return lm_sums(nll, correct, weight, task, num_tasks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """SFT has no settings of its own: the data section says which tokens are trained (data.mask)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SFT(Objective):
+    """Next-token cross-entropy; weight = trained tokens."""
+
+    cfg: ModelConfig
+    tasks: tuple[str, ...]
+    name = NAME
+
+    def prepare(self, batch: Batch) -> Batch:
+        index = label_index(batch["loss_mask"])
+        return batch if index is None else {**batch, "label_index": index}
+
+    def sums(self, params, refs, batch, rng):
+        return sft_sums(self.cfg, params, batch, rng, len(self.tasks))
+
+    def metrics(self, sums):
+        return lm_metrics(sums, self.tasks)
+
+
+def make(settings: Settings, context: Context) -> SFT:
+    return SFT(context.model, context.tasks)

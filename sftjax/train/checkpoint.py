@@ -337,3 +337,17 @@ def check_base(extras: dict, fingerprint: str) -> None:
             f"{directory}: checkpoint step {step} was trained on base {saved}, this run loads {fingerprint}; "
             "refusing to resume on a different base"
         )
+
+
+def check_references(extras: dict, fingerprints: dict[str, str]) -> None:
+    """Refuse to resume a checkpoint trained against other frozen references (a teacher, a reference policy)
+    than this run loads; fingerprints: {name: fingerprint} of the objective's references."""
+    where = extras.get("checkpoint", {})
+    directory, step = where.get("directory", "checkpoint"), where.get("step", "?")
+    saved = extras.get("reference_fingerprints", {})
+    for name in sorted(set(saved) | set(fingerprints)):
+        if saved.get(name) != fingerprints.get(name):
+            raise CheckpointError(
+                f"{directory}: checkpoint step {step} was trained with {name} {saved.get(name, 'none')}, this run "
+                f"loads {fingerprints.get(name, 'none')}; refusing to resume with another {name}"
+            )

@@ -1,9 +1,10 @@
 """Evaluation on held-out data: teacher-forced loss / perplexity / token accuracy, and generation exact match.
 
-Both are reported overall and per task (the datasets of the mixture, in order). Teacher-forced metrics run through
-the pmapped eval step over packed rows; generation takes each example's prompt (the tokens before its first
-trained token), decodes greedily, and compares the text up to EOS with the example's trained tokens (the
-reference answer), both stripped of surrounding whitespace.
+Both are reported overall and per task (the datasets of the mixture, in order). Teacher-forced metrics are the
+objective's (SFT: loss, perplexity, token accuracy), from its sums through the pmapped eval step over packed
+rows; generation takes each example's prompt (the tokens before its first trained token), decodes greedily, and
+compares the text up to EOS with the example's trained tokens (the reference answer), both stripped of
+surrounding whitespace.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sftjax.data.tokenizer import Tokenizer
 from sftjax.model.config import ModelConfig
 from sftjax.model.generate import generate
 from sftjax.model.transformer import Params
+from sftjax.objectives.base import Objective
 
 _GENERATION_BATCH = 16  # prompts decoded together
 
@@ -28,37 +30,40 @@ def task_names(prepared: Prepared) -> list[str]:
     return [s.name for s in prepared.stats]
 
 
-def _summarise(sums: dict[str, np.ndarray], names: list[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
+def text_tasks(prepared: Prepared) -> list[tuple[str, list[Tokenized]]]:
+    """(name, examples) of the tasks answered as text: all but those with a classification head."""
+    heads = prepared.labels or (None,) * len(prepared.datasets)
+    return [(name, examples) for name, examples, classes in zip(task_names(prepared), prepared.datasets, heads)
+            if classes is None]
 
-    def add(prefix, loss_sum, tokens, correct):
-        if tokens > 0:
-            loss = float(loss_sum / tokens)
-            out.update({f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50.0)),
-                        f"{prefix}accuracy": float(correct / tokens)})
-        out[f"{prefix}tokens"] = float(tokens)
 
-    add("", sums["loss_sum"], sums["tokens"], sums["correct"])
-    for t, name in enumerate(names):
-        add(f"{name}/", sums["task_loss_sum"][t], sums["task_tokens"][t], sums["task_correct"][t])
+def summarise(objective: Objective, totals: dict[str, np.ndarray]) -> dict[str, float]:
+    """The objective's metrics of summed (float64) totals as floats; metrics with nothing to average are left out."""
+    out = {}
+    for key, value in objective.metrics(totals).items():
+        value = float(value)
+        if not math.isnan(value):
+            out[key] = value
     return out
 
 
-def teacher_forced(p_eval: Callable, trainable: Any, frozen: Any, data: Prepared, devices: int,
-                   max_batches: int = 0) -> dict[str, float]:
-    """loss, ppl, accuracy, tokens (overall and '<task>/...') over one pass of `data` (max_batches: 0 = all).
+def teacher_forced(p_eval: Callable, objective: Objective, trainable: Any, frozen: Any, refs: Any, data: Prepared,
+                   devices: int, max_batches: int = 0) -> dict[str, float]:
+    """The objective's metrics (SFT: loss, ppl, accuracy, tokens, overall and '<task>/...') over one pass of
+    `data` (max_batches: 0 = all), its sums added up in float64.
 
-    trainable / frozen: replicated trees; p_eval: the pmapped `eval_sums`.
+    trainable / frozen / refs: replicated trees; p_eval: `step.compile_eval(objective, devices)`.
     """
     totals: dict[str, np.ndarray] | None = None
     for i, batch in enumerate(DataIterator(data, devices=devices)):
         if max_batches and i >= max_batches:
             break
-        sums = {k: np.asarray(v[0], np.float64) for k, v in p_eval(trainable, frozen, batch).items()}
+        sums = {k: np.asarray(v[0], np.float64)
+                for k, v in p_eval(trainable, frozen, refs, objective.prepare(batch)).items()}
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     if totals is None:
         return {}
-    return _summarise(totals, task_names(data))
+    return summarise(objective, totals)
 
 
 def split_prompt(example: Tokenized) -> tuple[list[int], list[int]]:
@@ -100,17 +105,19 @@ def generations(model_cfg: ModelConfig, params: Params, tokenizer: Tokenizer, ex
 
 def generation_accuracy(model_cfg: ModelConfig, params: Params, tokenizer: Tokenizer, data: Prepared,
                         max_new_tokens: int, max_examples: int = 0) -> dict[str, float]:
-    """Exact-match accuracy of greedy generations, overall and per task ('<task>/exact_match'). One compilation
-    per task (its prompts padded to its longest)."""
+    """Exact-match accuracy of greedy generations, overall and per task ('<task>/exact_match'), of the tasks
+    answered as text (a head task's accuracy is the head's). One compilation per task (its prompts padded to its
+    longest)."""
     out: dict[str, float] = {}
     hits = total = 0
-    for name, examples in zip(task_names(data), data.datasets):
+    for name, examples in text_tasks(data):
         examples = examples[:max_examples] if max_examples else examples
         results = generations(model_cfg, params, tokenizer, examples, max_new_tokens)
         task_hits = sum(r["exact"] for r in results)
         out[f"{name}/exact_match"] = task_hits / max(len(results), 1)
         hits, total = hits + task_hits, total + len(results)
-    out["exact_match"] = hits / max(total, 1)
+    if total:
+        out["exact_match"] = hits / total
     return out
 
 
@@ -125,10 +132,12 @@ def one_pass(data: Prepared, max_examples: int = 0) -> Prepared:
 
 
 def sample_examples(data: Prepared, n: int) -> list[Tokenized]:
-    """n examples taken round-robin over the tasks (the first of each task first): deterministic."""
+    """n examples taken round-robin over the tasks answered as text (the first of each task first):
+    deterministic."""
     picked: list[Tokenized] = []
-    for i in range(max((len(d) for d in data.datasets), default=0)):
-        for examples in data.datasets:
+    datasets = [examples for _, examples in text_tasks(data)]
+    for i in range(max((len(d) for d in datasets), default=0)):
+        for examples in datasets:
             if len(picked) < n and i < len(examples):
                 picked.append(examples[i])
     return picked

@@ -24,12 +24,14 @@ from sftjax.config import TrainConfig, validate
 from sftjax.data.augment import prompt_noise
 from sftjax.data.pipeline import DataIterator
 from sftjax.errors import UserError
-from sftjax.objectives.sft import label_index
+from sftjax.objectives.base import Objective
 from sftjax.train import evaluate
-from sftjax.train.checkpoint import Checkpointer, check_base
+from sftjax.train.checkpoint import Checkpointer, check_base, check_references
 from sftjax.train.metrics import MetricsWriter, Progress
 from sftjax.train.optim import make_optimizer, schedule
-from sftjax.train.setup import build_data, build_model, build_tokenizer, describe_model
+from sftjax.train.references import load_references
+from sftjax.train.setup import (build_data, build_model, build_objective, build_tokenizer, describe_model,
+                                run_trainable, with_labels)
 from sftjax.train.state import device_mesh, init_state, merge_params, replicate, unreplicate
 from sftjax.train.step import compile_steps
 
@@ -61,17 +63,14 @@ class EarlyStopping:
         return self.patience > 0 and self.bad_evals >= self.patience
 
 
-def _next_batch(iterator: DataIterator, accum: int, noise: np.ndarray,
-                rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int]:
+def _next_batch(iterator: DataIterator, accum: int, noise: np.ndarray, rng: np.random.Generator,
+                objective: Objective) -> tuple[dict[str, np.ndarray], int]:
     """[devices, accum, b, T] arrays from `accum` consecutive batches (prompt noise at the per-task rates `noise`;
-    plus label_index [devices, accum, K] when few tokens are trained: sftjax.objectives.sft), and their non-padding
-    token count."""
+    plus what the objective prepares, e.g. SFT's label_index [devices, accum, K]), and their non-padding token
+    count."""
     parts = [next(iterator) for _ in range(accum)]
     batch = prompt_noise({k: np.stack([p[k] for p in parts], axis=1) for k in parts[0]}, noise, rng)
-    index = label_index(batch["loss_mask"])
-    if index is not None:
-        batch["label_index"] = index
-    return batch, int((batch["segment_ids"] > 0).sum())
+    return objective.prepare(batch), int((batch["segment_ids"] > 0).sum())
 
 
 def _first_replica(tree: Any) -> Any:
@@ -90,13 +89,17 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     run_dir.mkdir(parents=True, exist_ok=True)
 
     model = build_model(cfg)
-    model_cfg, trainable, frozen, base_fingerprint = model.cfg, model.trainable, model.frozen, model.fingerprint
+    model_cfg, frozen, base_fingerprint = model.cfg, model.frozen, model.fingerprint
     tokenizer = build_tokenizer(cfg, model_cfg)
     train_data, eval_data = build_data(cfg, tokenizer, devices)
+    objective = build_objective(cfg, model_cfg, train_data.labels)
+    references = load_references(objective.references(), cfg.model)
+    objective = objective.bind({name: r.cfg for name, r in references.items()})
+    reference_fingerprints = {name: r.fingerprint for name, r in references.items()}
+    trainable = run_trainable(model, objective, t.seed)
     optimizer = make_optimizer(o, t.max_steps)
     lr_schedule = schedule(o, t.max_steps)
-    names = evaluate.task_names(train_data)
-    p_train, p_eval = compile_steps(model_cfg, optimizer, lr_schedule, len(names), devices)
+    p_train, p_eval = compile_steps(objective, optimizer, lr_schedule, devices)
     mesh = device_mesh(devices)
 
     keep_best = t.keep_best if eval_data is not None or not t.best_metric.startswith("eval/") else 0
@@ -113,16 +116,19 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     else:  # restore into the shapes of a fresh state without allocating one
         state, extras = checkpointer.restore(jax.eval_shape(lambda: init_state(trainable, optimizer, t.seed)), start)
         check_base(extras, base_fingerprint)
+        check_references(extras, reference_fingerprints)
         data_state = extras["data_state"]
         stopper = EarlyStopping(**extras["early_stopping"])
         log.warning("resuming %s from step %d", run_dir, start)
     start = start or 0
     state = replicate(state, mesh)
     frozen_r = replicate(frozen, mesh)
+    refs_r = replicate({name: r.params for name, r in references.items()}, mesh)
+    del references  # the replicated copies are the ones the steps read
     iterator = DataIterator(train_data, devices=devices, process_index=jax.process_index(),
                             process_count=jax.process_count(), state=data_state)
     metrics_writer = MetricsWriter(run_dir, resume_step=start)  # drops lines a killed run wrote after `start`
-    config_dump = resolved_config or dataclasses.asdict(cfg)
+    config_dump = with_labels(resolved_config or dataclasses.asdict(cfg), train_data.labels)
     (run_dir / "config.json").write_text(json.dumps(config_dump, indent=2, default=str) + "\n")
     for line in describe_model(cfg, model):
         log.info("%s", line)
@@ -131,9 +137,10 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     def run_eval(step: int) -> dict[str, float]:
         if eval_data is None:
             return {}
-        result = evaluate.teacher_forced(p_eval, state["trainable"], frozen_r, eval_data, devices, t.eval_batches)
+        result = evaluate.teacher_forced(p_eval, objective, state["trainable"], frozen_r, refs_r, eval_data, devices,
+                                         t.eval_batches)
         if t.num_samples:
-            params_now = merge_params(frozen, _first_replica(state["trainable"]))
+            params_now = merge_params(frozen, _first_replica(state["trainable"]))  # objective parameters ignored
             samples = evaluate.generations(model_cfg, params_now, tokenizer,
                                            evaluate.sample_examples(eval_data, t.num_samples), t.sample_tokens)
             for i, s in enumerate(samples):
@@ -143,7 +150,8 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
 
     def save(step: int, metrics: dict[str, float]) -> None:
         extras = {"data_state": iterator.state(), "early_stopping": dataclasses.asdict(stopper),
-                  "config": config_dump, "base_fingerprint": base_fingerprint, "metrics": metrics}
+                  "config": config_dump, "base_fingerprint": base_fingerprint,
+                  "reference_fingerprints": reference_fingerprints, "metrics": metrics}
         checkpointer.save(step, unreplicate(state), extras, metrics)
 
     noise = np.array([d.prompt_noise for d in cfg.data.train], np.float64)  # per task id (data.train order)
@@ -153,8 +161,9 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     window_tokens, window_start = 0, time.perf_counter()
     try:
         while step < t.max_steps and not stop_early:
-            batch, tokens = _next_batch(iterator, t.grad_accum, noise, np.random.default_rng([t.seed, step]))
-            state, step_metrics = p_train(state, frozen_r, batch)
+            batch, tokens = _next_batch(iterator, t.grad_accum, noise, np.random.default_rng([t.seed, step]),
+                                        objective)
+            state, step_metrics = p_train(state, frozen_r, refs_r, batch)
             step += 1
             window_tokens += tokens
             is_eval = eval_data is not None and t.eval_every and step % t.eval_every == 0

@@ -20,6 +20,7 @@ from sftjax.errors import CheckpointError, ConfigError
 from sftjax.model.config import ModelConfig, load_hf_config, preset
 from sftjax.model.hf import load_pretrained
 from sftjax.model.transformer import Params
+from sftjax.objectives import base as objectives
 from sftjax.peft import lora as lora_lib
 from sftjax.peft import quant
 from sftjax.train.checkpoint import Checkpointer, check_base, fingerprint
@@ -109,9 +110,13 @@ def build_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> Tokenizer:
 
 
 def _data_config(cfg: TrainConfig, datasets: list[DatasetSection], per_device_batch: int,
-                 num_epochs: int | None) -> DataConfig:
+                 num_epochs: int | None, labels: tuple[tuple[str, ...] | None, ...] = ()) -> DataConfig:
+    """labels: per dataset, the classes of its head or None; given (eval datasets: the training split's classes),
+    they decide head and labels instead of the sections' own."""
     d = cfg.data
-    specs = [DatasetSpec(s.path, s.weight, s.format, s.name, s.as_chat) for s in datasets]
+    heads = labels or [tuple(s.labels) if s.head else None for s in datasets]
+    specs = [DatasetSpec(s.path, s.weight, s.format, s.name, s.as_chat, head=c is not None, labels=c or ())
+             for s, c in zip(datasets, heads)]
     return DataConfig(datasets=specs, seq_len=d.seq_len, mask=d.mask, append_eos=d.append_eos,
                       over_long=d.over_long, packing=d.packing, pack_window=d.pack_window,
                       per_device_batch=per_device_batch, seed=d.seed, num_epochs=num_epochs,
@@ -149,16 +154,53 @@ def build_data(cfg: TrainConfig, tokenizer: Tokenizer, devices: int) -> tuple[Pr
         if len(cfg.data.eval) != len(cfg.data.train):
             raise ConfigError(f"data.eval: {len(cfg.data.eval)} datasets for {len(cfg.data.train)} training tasks; "
                               "give one held-out dataset per training dataset, in the same order")
-        return train, one_pass(prepare(_data_config(cfg, cfg.data.eval, per_device, num_epochs=1), tokenizer))
+        eval_config = _data_config(cfg, cfg.data.eval, per_device, num_epochs=1, labels=train.labels)
+        held = prepare(eval_config, tokenizer)
+        for stats, name in zip(held.stats, names):  # data.eval[i] is task i: its metrics carry the task's name
+            stats.name = name
+        return train, one_pass(held)
     if cfg.data.eval_fraction > 0:
         train, held = split_holdout(train, cfg.data.eval_fraction, cfg.data.seed)
         return train, one_pass(held)
     return train, None
 
 
+def task_names(cfg: TrainConfig) -> tuple[str, ...]:
+    """The tasks of data.train in order: their names, or file stems (as the pipeline names them)."""
+    return tuple(s.name or Path(s.path).stem for s in cfg.data.train)
+
+
+def build_objective(cfg: TrainConfig, model_cfg: ModelConfig,
+                    labels: tuple[tuple[str, ...] | None, ...] = ()) -> objectives.Objective:
+    """The run's objective (cfg.objective) for the policy `model_cfg` and the tasks of data.train.
+
+    labels: the classes of each task's head (None: no head), as the data collected them; default: from the config
+    (data.train[i].labels of tasks with head=true, filled in by the run that collected them).
+    """
+    labels = labels or tuple(tuple(s.labels) if s.head else None for s in cfg.data.train)
+    return objectives.build(cfg.objective, objectives.Context(model_cfg, task_names(cfg), labels))
+
+
+def with_labels(config: dict, labels: tuple[tuple[str, ...] | None, ...]) -> dict:
+    """The resolved config with the classes each head task collected written into data.train[i].labels, so that
+    its config.json alone rebuilds the heads (sftjax-eval, sftjax-export, a teacher run)."""
+    if not any(labels):
+        return config
+    train = [dict(section, labels=list(classes)) if classes else section
+             for section, classes in zip(config["data"]["train"], labels)]
+    return {**config, "data": {**config["data"], "train": train}}
+
+
+def run_trainable(model: Model, objective: objectives.Objective, seed: int) -> Params:
+    """What a run trains: the model's trainable tree plus the objective's own parameters (task heads)."""
+    extra = objective.init(jax.random.fold_in(jax.random.key(seed), 2))
+    return {**model.trainable, **extra}
+
+
 def restore_checkpoint(cfg: TrainConfig, directory: Path, model: Model, step: int | None = None,
                        best: bool = False) -> tuple[Params, int]:
-    """(trainable, step) of a run's checkpoint: `step`, the best by trainer.best_metric, or the latest.
+    """(trainable, step) of a run's checkpoint: `step`, the best by trainer.best_metric, or the latest. trainable
+    holds the objective's own parameters too (under their key, e.g. "heads").
 
     The checkpoint must have been trained on the base `model` holds (fingerprint check). Opened read-only: a
     training may still be writing there, and its save in progress is never cleaned up.
@@ -167,7 +209,8 @@ def restore_checkpoint(cfg: TrainConfig, directory: Path, model: Model, step: in
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no checkpoint directory (the run saved nothing yet)")
     optimizer = make_optimizer(cfg.optim, t.max_steps)
-    abstract = jax.eval_shape(lambda: init_state(model.trainable, optimizer, t.seed))  # the loop's train state
+    trainable = jax.eval_shape(lambda: run_trainable(model, build_objective(cfg, model.cfg), t.seed))
+    abstract = jax.eval_shape(lambda: init_state(trainable, optimizer, t.seed))  # the loop's train state
     with Checkpointer(directory, read_only=True, keep_last=max(t.keep_last, 1), keep_best=1,
                       best_metric=t.best_metric, best_mode=t.best_mode) as checkpointer:
         chosen = checkpointer.best_step() if best else step

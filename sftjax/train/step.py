@@ -1,14 +1,19 @@
-"""The per-device train and eval steps, compiled with `jax.pmap` over the device axis "data".
+"""The per-device train and eval steps of any objective (`sftjax/objectives/base.py`), compiled with `jax.pmap`
+over the device axis "data".
 
 One optimizer step sees a batch [A, b, T] per device: A micro-batches (gradient accumulation) of b rows. The
-micro-batches run in a `lax.scan`, each adding its gradient of the *summed* token loss; the sums (gradients,
-loss, token counts) are `psum`-reduced over devices and divided once by the global number of trained tokens:
+micro-batches run in a `lax.scan`, each adding its gradient of the objective's *summed* loss; the sums (gradients,
+loss, weight and whatever else the objective sums) are `psum`-reduced over devices and divided once by the global
+weight (trained tokens for SFT):
 
-    grad = sum over devices, micro-batches and tokens of d nll(token) / number of trained tokens
+    grad = sum over devices, micro-batches and tokens of d loss(token) / number of trained tokens
 
 so the result does not depend on how the rows are split over devices and micro-batches (up to float summation
 order). A non-finite loss leaves the state unchanged (`finite` = 0 in the metrics): the loop stops the run and
 the last saved checkpoint stays the last good one.
+
+Three trees go in: the train `state` (donated), the `frozen` base and the objective's `refs` (frozen models
+besides the policy: a teacher, a reference), both replicated once and never donated.
 
 Randomness: the dropout key of micro-batch i on device d at step s is fold_in(fold_in(fold_in(rng, s), d), i).
 """
@@ -22,8 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sftjax.model.config import ModelConfig
-from sftjax.objectives.sft import sft_sums
+from sftjax.objectives.base import Objective
 from sftjax.train.state import merge_params
 
 AXIS = "data"
@@ -34,9 +38,9 @@ def _zeros_like(tree: PyTree) -> PyTree:
     return jax.tree.map(jnp.zeros_like, tree)
 
 
-def train_step(state: PyTree, frozen: PyTree, batch: dict[str, jax.Array], *, cfg: ModelConfig,
-               optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule,
-               num_tasks: int) -> tuple[PyTree, dict[str, jax.Array]]:
+def train_step(state: PyTree, frozen: PyTree, refs: PyTree, batch: dict[str, jax.Array], *, objective: Objective,
+               optimizer: optax.GradientTransformation,
+               lr_schedule: optax.Schedule) -> tuple[PyTree, dict[str, jax.Array]]:
     """One optimizer step on one device. batch arrays [A, b, T]; returns (new state, metrics identical on all
     devices)."""
     trainable = state["trainable"]
@@ -44,8 +48,8 @@ def train_step(state: PyTree, frozen: PyTree, batch: dict[str, jax.Array], *, cf
                              jax.lax.axis_index(AXIS))
 
     def loss_fn(trainable, micro, rng):
-        sums = sft_sums(cfg, merge_params(frozen, trainable), micro, rng, num_tasks)
-        return sums["loss_sum"], sums
+        sums = objective.sums(merge_params(frozen, trainable), refs, micro, rng)
+        return sums["loss"], sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -59,9 +63,9 @@ def train_step(state: PyTree, frozen: PyTree, batch: dict[str, jax.Array], *, cf
     init = (_zeros_like(trainable), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
     (grads, sums), _ = jax.lax.scan(accumulate, init, (jnp.arange(micro_batches), batch))
     grads, sums = jax.lax.psum((grads, sums), AXIS)
-    tokens = jnp.maximum(sums["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
-    loss = sums["loss_sum"] / tokens
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    loss = sums["loss"] / weight
 
     updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
     new_trainable = optax.apply_updates(trainable, updates)
@@ -74,9 +78,8 @@ def train_step(state: PyTree, frozen: PyTree, batch: dict[str, jax.Array], *, cf
         "rng": state["rng"],
     }
     metrics = {
+        **objective.metrics(sums),
         "loss": loss,
-        "accuracy": sums["correct"] / tokens,
-        "tokens": sums["tokens"],
         "grad_norm": optax.tree.norm(grads),
         "lr": lr_schedule(state["step"]),
         "finite": finite.astype(jnp.float32),
@@ -84,20 +87,26 @@ def train_step(state: PyTree, frozen: PyTree, batch: dict[str, jax.Array], *, cf
     return new_state, metrics
 
 
-def eval_sums(trainable: PyTree, frozen: PyTree, batch: dict[str, jax.Array], *, cfg: ModelConfig,
-              num_tasks: int) -> dict[str, jax.Array]:
-    """Loss / token / correct sums (overall and per task) of one eval batch [b, T] per device, psum-reduced."""
-    return jax.lax.psum(sft_sums(cfg, merge_params(frozen, trainable), batch, None, num_tasks), AXIS)
+def eval_sums(trainable: PyTree, frozen: PyTree, refs: PyTree, batch: dict[str, jax.Array], *,
+              objective: Objective) -> dict[str, jax.Array]:
+    """The objective's sums over one eval batch [b, T] per device (no dropout), psum-reduced."""
+    return jax.lax.psum(objective.sums(merge_params(frozen, trainable), refs, batch, None), AXIS)
 
 
-def compile_steps(cfg: ModelConfig, optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                  num_tasks: int, devices: int):
-    """(p_train_step(state, frozen, batch), p_eval_sums(trainable, frozen, batch)), pmapped over `devices`.
+def compile_eval(objective: Objective, devices: int):
+    """p_eval(trainable, frozen, refs, batch) -> sums, pmapped over the first `devices` local devices: the one eval
+    step of the training loop, `sftjax-eval` and the main job's report."""
+    return jax.pmap(functools.partial(eval_sums, objective=objective), axis_name=AXIS,
+                    devices=jax.local_devices()[:devices])
+
+
+def compile_steps(objective: Objective, optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                  devices: int):
+    """(p_train_step(state, frozen, refs, batch), p_eval(trainable, frozen, refs, batch)), pmapped over `devices`.
 
     The train state is donated: its buffers are reused for the new state.
     """
-    local = jax.local_devices()[:devices]
-    p_train = jax.pmap(functools.partial(train_step, cfg=cfg, optimizer=optimizer, lr_schedule=lr_schedule,
-                                         num_tasks=num_tasks), axis_name=AXIS, devices=local, donate_argnums=(0,))
-    p_eval = jax.pmap(functools.partial(eval_sums, cfg=cfg, num_tasks=num_tasks), axis_name=AXIS, devices=local)
-    return p_train, p_eval
+    p_train = jax.pmap(functools.partial(train_step, objective=objective, optimizer=optimizer,
+                                         lr_schedule=lr_schedule), axis_name=AXIS,
+                       devices=jax.local_devices()[:devices], donate_argnums=(0,))
+    return p_train, compile_eval(objective, devices)

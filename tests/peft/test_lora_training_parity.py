@@ -54,7 +54,7 @@ def test_lora_training_steps_match_peft(tmp_path):
 
     def loss_fn(trainable, batch):
         sums = sft_sums(lcfg, merge_params(params, trainable), batch)
-        return sums["loss_sum"] / sums["tokens"]
+        return sums["loss"] / sums["weight"]
 
     @jax.jit
     def step(trainable, opt_state, batch):

@@ -10,7 +10,7 @@ import pytest
 
 import sftjax
 from sftjax.config import OptimSection
-from sftjax.objectives.sft import label_index, token_nll
+from sftjax.objectives.sft import SFT, label_index, token_nll
 from sftjax.train.optim import make_optimizer, schedule
 from sftjax.train.state import device_mesh, init_state, replicate, unreplicate
 from sftjax.train.step import compile_steps
@@ -38,7 +38,7 @@ def _run(devices, accum, opt_cfg, steps=2):
     """Train `steps` steps on the same ROWS rows per step, laid out as [devices, accum, ROWS/(devices*accum), T]."""
     optimizer = make_optimizer(opt_cfg, 10)
     params = sftjax.init_params(CFG, jax.random.key(0))
-    p_train, _ = compile_steps(CFG, optimizer, schedule(opt_cfg, 10), 1, devices)
+    p_train, _ = compile_steps(SFT(CFG, ("t",)), optimizer, schedule(opt_cfg, 10), devices)
     mesh = device_mesh(devices)
     state = replicate(init_state(params, optimizer, seed=0), mesh)
     frozen = replicate({}, mesh)
@@ -47,7 +47,7 @@ def _run(devices, accum, opt_cfg, steps=2):
         rows = _rows(seed=s)
         # Row r goes to micro-batch (r // b) % accum of device r // (b * accum): the stream order of the pipeline.
         batch = {k: v.reshape(devices, accum, ROWS // (devices * accum), T) for k, v in rows.items()}
-        state, metrics = p_train(state, frozen, batch)
+        state, metrics = p_train(state, frozen, frozen, batch)
         history.append(jax.tree.map(lambda x: float(x[0]), metrics))
     return unreplicate(state), history
 
@@ -84,12 +84,12 @@ def test_non_finite_loss_leaves_state_unchanged():
     optimizer = make_optimizer(opt_cfg, 10)
     params = sftjax.init_params(CFG, jax.random.key(0))
     params["norm"]["scale"] = params["norm"]["scale"].at[0].set(np.nan)
-    p_train, _ = compile_steps(CFG, optimizer, schedule(opt_cfg, 10), 1, 1)
+    p_train, _ = compile_steps(SFT(CFG, ("t",)), optimizer, schedule(opt_cfg, 10), 1)
     mesh = device_mesh(1)
     state = replicate(init_state(params, optimizer, seed=0), mesh)
     before = unreplicate(state)
     rows = {k: v.reshape(1, 1, ROWS, T) for k, v in _rows().items()}
-    state, metrics = p_train(state, replicate({}, mesh), rows)
+    state, metrics = p_train(state, replicate({}, mesh), replicate({}, mesh), rows)
     assert float(metrics["finite"][0]) == 0.0
     after = unreplicate(state)
     assert int(after["step"]) == 1
@@ -143,7 +143,7 @@ def test_labeled_positions_only_give_the_same_step():
     rows["loss_mask"] = (rng.rand(ROWS, T) < 0.15).astype(np.float32)  # ~15% trained: K = 1/4 of the slots
     rows["task_ids"] = rng.randint(0, 2, (ROWS, T)).astype(np.int32)
     for devices, accum in [(1, 1), (2, 2)]:
-        p_train, _ = compile_steps(CFG, optimizer, schedule(opt_cfg, 10), 2, devices)
+        p_train, _ = compile_steps(SFT(CFG, ("a", "b")), optimizer, schedule(opt_cfg, 10), devices)
         mesh = device_mesh(devices)
         batch = {k: v.reshape(devices, accum, ROWS // (devices * accum), T) for k, v in rows.items()}
         index = label_index(batch["loss_mask"])
@@ -153,7 +153,7 @@ def test_labeled_positions_only_give_the_same_step():
         results = []
         for b in (batch, {**batch, "label_index": index}, {**batch, "label_index": dropped}):
             state = replicate(init_state(params, optimizer, seed=0), mesh)
-            state, metrics = p_train(state, replicate({}, mesh), b)
+            state, metrics = p_train(state, replicate({}, mesh), replicate({}, mesh), b)
             results.append((unreplicate(state), jax.tree.map(lambda x: float(x[0]), metrics)))
         (full_state, full), (sparse_state, sparse), (_, fewer) = results
         assert fewer["tokens"] == full["tokens"] - devices * accum

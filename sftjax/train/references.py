@@ -1,0 +1,94 @@
+"""Frozen models an objective needs besides the policy (a distillation teacher, later a preference reference).
+
+A reference is named by a path, either
+
+    a local HF model directory      config.json (with model_type) + model.safetensors: loaded as it is
+    an sftjax run directory         config.json (the run's) + checkpoints/: its latest checkpoint, adapters merged
+                                    into the base (a 4-bit base dequantized), task heads left out
+
+and runs under the policy's execution settings (compute dtype, layer scan), never with dropout. The trainer
+replicates it once, never donates or checkpoints it, and records its fingerprint in every checkpoint: a resume
+with another reference is refused like one on another base (`checkpoint.check_references`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from sftjax.config import ModelSection
+from sftjax.errors import ConfigError, UserError
+from sftjax.model.config import ModelConfig, load_hf_config
+from sftjax.model.transformer import Params
+
+
+@dataclasses.dataclass
+class Reference:
+    cfg: ModelConfig
+    params: Params
+    fingerprint: str  # of the weights as loaded (checkpoint.fingerprint)
+
+
+def _is_run(directory: Path) -> bool:
+    return (directory / "checkpoints").is_dir() and (directory / "config.json").is_file()
+
+
+def _runtime(cfg: ModelConfig, policy: ModelSection) -> ModelConfig:
+    return cfg.replace(dtype=policy.dtype, scan_layers=policy.scan_layers, remat="none", dropout_rate=0.0)
+
+
+def _config(key: str, path: str, policy: ModelSection) -> ModelConfig:
+    """The architecture of the reference at `path` (config.json only). key: the config key that named it."""
+    directory = Path(path)
+    try:
+        if _is_run(directory):
+            from sftjax.cli.common import run_config
+            from sftjax.train.setup import model_config
+
+            return _runtime(model_config(run_config(directory, [])), policy)
+        if not directory.is_dir():
+            raise ConfigError("no such directory (a local HF model directory or an sftjax run directory)")
+        return _runtime(load_hf_config(directory), policy)
+    except UserError as e:
+        raise ConfigError(f"{key}={path!r}: {e}") from None
+
+
+def load_reference(key: str, path: str, policy: ModelSection) -> Reference:
+    """Load the reference at `path` (see the module docstring) in policy.param_dtype."""
+    from sftjax.model.hf import load_pretrained
+    from sftjax.train.checkpoint import fingerprint
+
+    directory = Path(path)
+    cfg = _config(key, path, policy)
+    try:
+        if _is_run(directory):
+            params = _run_params(directory)
+        else:
+            params = load_pretrained(directory, dtype=policy.param_dtype)[1]
+    except UserError as e:
+        raise ConfigError(f"{key}={path!r}: {e}") from None
+    return Reference(cfg, params, fingerprint(params))
+
+
+def _run_params(directory: Path) -> Params:
+    """The weights of a run's latest checkpoint as one plain tree: adapters merged, 4-bit base dequantized."""
+    from sftjax.cli.common import run_config
+    from sftjax.peft import lora, quant
+    from sftjax.train.setup import build_model, restore_checkpoint
+    from sftjax.train.state import merge_params
+
+    cfg = run_config(directory, [])
+    model = build_model(cfg)
+    trainable, _ = restore_checkpoint(cfg, directory / "checkpoints", model)
+    params = merge_params(model.frozen, {k: v for k, v in trainable.items() if k != "heads"})
+    if model.lora is not None:
+        params, _ = lora.merge(params, model.lora.scale)
+        params = quant.dequantize_params(params)
+    return params
+
+
+def load_references(paths: dict[str, str], policy: ModelSection, keys: dict[str, str] | None = None
+                    ) -> dict[str, Reference]:
+    """{name: Reference} for an objective's `references()`; keys: the config key of each (for errors)."""
+    keys = keys or {}
+    return {name: load_reference(keys.get(name, f"objective.{name}"), path, policy) for name, path in paths.items()}

@@ -147,6 +147,7 @@ class BuiltinSection:
     few_shot: int = 3  # solved examples in front of each prompt for the few-shot baseline
     max_new_tokens: int = 8  # generation length when scoring answers
     tasks: list[str] = field(default_factory=lambda: ["module", "first_param", "add"])  # trained and evaluated
+    heads: list[str] = field(default_factory=list)  # tasks answered by a classification head (objective=heads)
     upsample: PerTask = field(default_factory=lambda: PerTask(1.0, 1.0, 1.0))  # draws per example, relative
     prompt_noise: PerTask = field(default_factory=lambda: PerTask(0.0, 0.0, 0.0))  # data.train[].prompt_noise
 

@@ -27,6 +27,7 @@ from sftjax.data.tokenizer import Tokenizer
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import Params
 from sftjax.train import evaluate
+from sftjax.objectives import heads as heads_objective
 from sftjax.objectives import sft
 from sftjax.train.state import device_mesh, replicate
 from sftjax.train.step import compile_eval
@@ -47,11 +48,25 @@ def few_shot_file(task: TaskFiles, split: str, k: int, limit: int, out: Path, se
 
 
 def _prepared(paths: list[tuple[str, Path]], tokenizer: Tokenizer, seq_len: int, fmt: str = "auto",
-              mask: str = "completion", limit: int = 0) -> Prepared:
-    specs = [DatasetSpec(str(p), format=fmt, name=name) for name, p in paths]
+              mask: str = "completion", limit: int = 0, heads: dict[str, tuple[str, ...]] | None = None) -> Prepared:
+    """heads: task -> classes of the tasks read as classification examples (prompt + label)."""
+    heads = heads or {}
+    specs = [DatasetSpec(str(p), format=fmt, name=name, head=name in heads, labels=tuple(heads.get(name, ())))
+             for name, p in paths]
     data = prepare(DataConfig(specs, seq_len=seq_len, mask=mask, per_device_batch=8, num_epochs=1,
                               over_long="truncate"), tokenizer)  # a long few-shot prompt loses its first shots
     return evaluate.one_pass(data, limit)
+
+
+def head_accuracy(cfg: ModelConfig, params: Params, data: Prepared) -> dict[str, float]:
+    """task -> accuracy of its classification head (params["heads"]) on the head tasks of `data` (one device)."""
+    tasks = tuple(evaluate.task_names(data))
+    objective = heads_objective.Heads(cfg, tasks, data.labels, heads_objective.Settings())
+    mesh = device_mesh(1)
+    empty = replicate({}, mesh)
+    result = evaluate.teacher_forced(compile_eval(objective, 1), objective, replicate(params, mesh), empty, empty,
+                                     data, 1)
+    return {t: result[f"{t}/accuracy"] for t, classes in zip(tasks, data.labels) if classes is not None}
 
 
 def corpus_loss(cfg: ModelConfig, params: Params, data: Prepared, max_batches: int) -> float:
@@ -79,17 +94,21 @@ class Comparison:
 
 def compare(cfg: TrainConfig, tasks: dict[str, TaskFiles], corpus_heldout: Path, tokenizer: Tokenizer,
             base: tuple[ModelConfig, Params], tuned: tuple[ModelConfig, Params], work: Path,
-            baseline_cache: Path | None = None) -> Comparison:
+            baseline_cache: Path | None = None, heads: dict[str, tuple[str, ...]] | None = None) -> Comparison:
     """Score the base and the fine-tuned model. baseline_cache: a JSON file holding the base's scores for exactly
-    these settings (read when present, written otherwise), so runs of a sweep score the same base once."""
+    these settings (read when present, written otherwise), so runs of a sweep score the same base once.
+    heads: task -> classes of the tasks the fine-tuned model answers with a classification head (objective=heads):
+    its score there is the head's accuracy on the same examples (the base answers them as text)."""
     b = cfg.builtin
     limit, names, split = b.eval_examples, list(tasks), b.report_split
-    held = _prepared([(n, tasks[n].path(split)) for n in names], tokenizer, seq_len=512, limit=limit)
+    paths = [(n, tasks[n].path(split)) for n in names]
+    held = _prepared(paths, tokenizer, seq_len=512, limit=limit)
     corpus = _prepared([("corpus", corpus_heldout)], tokenizer, seq_len=256, fmt="text", mask="all")
 
     def accuracy(model, data):
         acc = evaluate.generation_accuracy(model[0], model[1], tokenizer, data, b.max_new_tokens)
-        return {n: acc[f"{n}/exact_match"] for n in names}
+        scores = {n: acc[f"{n}/exact_match"] for n in names if f"{n}/exact_match" in acc}
+        return {**scores, **(head_accuracy(*model, data) if any(data.labels) else {})}
 
     scores = json.loads(baseline_cache.read_text()) if baseline_cache and baseline_cache.is_file() else None
     if scores is None:
@@ -102,7 +121,8 @@ def compare(cfg: TrainConfig, tasks: dict[str, TaskFiles], corpus_heldout: Path,
             tmp = baseline_cache.with_suffix(".tmp")
             tmp.write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
             tmp.replace(baseline_cache)
-    return Comparison(names, split, scores["zero_shot"], scores["few_shot"], accuracy(tuned, held),
+    tuned_held = _prepared(paths, tokenizer, seq_len=512, limit=limit, heads=heads) if heads else held
+    return Comparison(names, split, scores["zero_shot"], scores["few_shot"], accuracy(tuned, tuned_held),
                       scores["corpus_loss"], corpus_loss(*tuned, corpus, 16), b.few_shot,
                       {n: len(d) for n, d in zip(names, held.datasets)})
 

@@ -45,6 +45,9 @@ def check_tasks(b: BuiltinSection) -> None:
     check(b.report_split in ("test", "valid"), "builtin.report_split", b.report_split, "must be test or valid")
     for name in b.tasks:
         check(name in TASK_NAMES, "builtin.tasks", name, f"unknown task (the built-in tasks: {known})")
+    for name in b.heads:
+        check(name in b.tasks, "builtin.heads", name, f"not among builtin.tasks ({', '.join(b.tasks)})")
+    check(b.base_layers >= 1, "builtin.base_layers", b.base_layers, "must be >= 1")
     for name in TASK_NAMES:
         check(getattr(b.upsample, name) > 0, f"builtin.upsample.{name}", getattr(b.upsample, name), "must be > 0")
         check(0.0 <= getattr(b.prompt_noise, name) < 1.0, f"builtin.prompt_noise.{name}",
@@ -57,7 +60,7 @@ def task_datasets(b: BuiltinSection, tasks: dict[str, TaskFiles]) -> list[Datase
     factors = {n: getattr(b.upsample, n) for n in tasks}
     same = len(set(factors.values())) == 1
     return [DatasetSection(path=str(t.train_path), name=n, weight=None if same else t.n_train * factors[n],
-                           prompt_noise=getattr(b.prompt_noise, n)) for n, t in tasks.items()]
+                           prompt_noise=getattr(b.prompt_noise, n), head=n in b.heads) for n, t in tasks.items()]
 
 
 def baseline_cache(cfg: TrainConfig, built: Builtin) -> Path:
@@ -79,7 +82,11 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
     tasks = not cfg.data.train
     if tasks:
         check_tasks(cfg.builtin)
+        check(not cfg.builtin.heads or cfg.objective.get("name") == "heads", "builtin.heads", cfg.builtin.heads,
+              "classification heads need objective=heads")
     built = ensure_builtin(cfg)
+    if cfg.objective.get("teacher") == "builtin":  # distillation toward the pre-trained base itself
+        cfg.objective = {**cfg.objective, "teacher": str(built.base_dir)}
     built_at = time.perf_counter()
     own_base = cfg.model.path == "builtin"
     if own_base:
@@ -90,7 +97,8 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
                                        eval=[DatasetSection(path=str(t.valid_path), name=n)
                                              for n, t in built.tasks.items()], eval_fraction=0.0)
     if resolved is not None:  # the config.json of the run names what was actually used
-        resolved = {**resolved, "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data)}
+        resolved = {**resolved, "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+                    "objective": cfg.objective}
     result = run_training(cfg, resolved)
     trained_at = time.perf_counter()
     if not tasks:
@@ -98,6 +106,10 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
 
     run_dir = Path(cfg.trainer.run_dir)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
+    saved = json.loads((run_dir / "config.json").read_text())["data"]["train"]  # with the heads' classes
+    cfg.data = dataclasses.replace(cfg.data, train=[dataclasses.replace(s, labels=list(d.get("labels") or []))
+                                                    for s, d in zip(cfg.data.train, saved)])
+    heads = {s.name: tuple(s.labels) for s in cfg.data.train if s.head}
     tuned = build_model(cfg)  # the model before fine-tuning (fresh adapters: B = 0), then restored after it
     before = merge_params(tuned.frozen, tuned.trainable)
     # Early stopping ends a run `patience` evaluations after its best one: report the best checkpoint then.
@@ -106,7 +118,7 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
     tokenizer = build_tokenizer(cfg, tuned.cfg)
     comparison = report_lib.compare(cfg, built.tasks, built.corpus.heldout_path, tokenizer, (tuned.cfg, before),
                                     (tuned.cfg, merge_params(tuned.frozen, trainable)), run_dir,
-                                    baseline_cache(cfg, built) if own_base else None)
+                                    baseline_cache(cfg, built) if own_base else None, heads)
     done = time.perf_counter()
     context = {
         "base": f"{cfg.model.path} ({tuned.cfg.num_params() / 1e6:.2f}M parameters)",

@@ -41,13 +41,19 @@ def run_key(overrides: tuple[str, ...]) -> str:
 RECIPE = ("method=full", "optim.lr=3e-3", "trainer.max_steps=300", "builtin.upsample.add=1.0")
 
 
+def run_dir_of(*overrides: str) -> Path:
+    """The absolute folder experiments/runs/<key>/ that `train(results, name, *overrides)` runs in: checkpoints
+    included (e.g. a teacher for `objective.teacher=`), unlike the results/ copy."""
+    return RUNS / run_key(RECIPE + overrides)
+
+
 def train(results: Path, name: str, *overrides: str) -> Path:
     """Run `sftjax-train <RECIPE> <overrides>` (the main job plus overrides) unless the same run finished before,
     copy its files into results/<name>/ and return that folder (offline: just return it)."""
     if OFFLINE:
         return _existing(results / name)
+    run_dir = run_dir_of(*overrides)
     overrides = RECIPE + overrides
-    run_dir = RUNS / run_key(overrides)
     if (run_dir / "report.json").is_file():
         print(f"[reuse] {run_dir.name}: {' '.join(overrides) or '(main job defaults)'}", flush=True)
     else:

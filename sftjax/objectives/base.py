@@ -98,6 +98,23 @@ def ratio(num, den):
     return xp.where(den > 0, num / xp.maximum(den, 1e-30), xp.nan)
 
 
+def flat_positions(selected: np.ndarray, size) -> np.ndarray | None:
+    """Flat positions [..., K] of the True entries of each micro-batch's selected [..., B, T], padded with -1.
+
+    size(most) -> K: the slots to compile for, given the largest count of any micro-batch (the same K for all of
+    them: one shape); None from it: no index (the caller computes every position)."""
+    *lead, B, T = selected.shape
+    flat = selected.reshape(-1, B * T)
+    K = size(int(flat.sum(axis=1).max(initial=0)))
+    if K is None:
+        return None
+    out = np.full((flat.shape[0], K), -1, np.int32)
+    for i, row in enumerate(flat):
+        where = np.flatnonzero(row)
+        out[i, :len(where)] = where
+    return out.reshape(*lead, K)
+
+
 def per_task(name: str, values, tasks: tuple[str, ...]) -> dict:
     """{"<task>/<name>": values[t]} for a per-task vector [num_tasks]."""
     return {f"{task}/{name}": values[t] for t, task in enumerate(tasks)}

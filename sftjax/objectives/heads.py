@@ -34,7 +34,7 @@ from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
 from sftjax.model.layers import linear
 from sftjax.model.transformer import hidden_states, lm_head
-from sftjax.objectives.base import Batch, Context, Objective, Params, per_task, ratio
+from sftjax.objectives.base import Batch, Context, Objective, Params, flat_positions, per_task, ratio
 from sftjax.objectives.sft import at_trained, label_index, lm_metrics, lm_sums, token_nll
 
 NAME = "heads"
@@ -59,15 +59,9 @@ def head_index(class_ids: np.ndarray) -> np.ndarray:
 
     P is the smallest power of two (>= 8, <= B * T) holding every micro-batch's count: few compiled shapes.
     """
-    *lead, B, T = class_ids.shape
-    flat = class_ids.reshape(-1, B * T) >= 0
-    most = int(flat.sum(axis=1).max(initial=0))
-    P = min(max(_MIN_HEAD_SLOTS, 1 << max(most - 1, 0).bit_length()), B * T)
-    out = np.full((flat.shape[0], P), -1, np.int32)
-    for i, row in enumerate(flat):
-        where = np.flatnonzero(row)
-        out[i, :len(where)] = where
-    return out.reshape(*lead, P)
+    slots = class_ids.shape[-2] * class_ids.shape[-1]
+    return flat_positions(class_ids >= 0, lambda most: min(max(_MIN_HEAD_SLOTS, 1 << max(most - 1, 0).bit_length()),
+                                                            slots))
 
 
 def class_nll(logits: jax.Array, classes: jax.Array) -> tuple[jax.Array, jax.Array]:

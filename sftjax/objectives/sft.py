@@ -23,7 +23,7 @@ import numpy as np
 
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import Params, hidden_states, lm_head
-from sftjax.objectives.base import Batch, Context, Objective, array_module, per_task, ratio
+from sftjax.objectives.base import Batch, Context, Objective, array_module, flat_positions, per_task, ratio
 
 NAME = "sft"
 
@@ -38,18 +38,9 @@ def label_index(loss_mask: np.ndarray) -> np.ndarray | None:
 
     K is the smallest B*T*fraction that holds every micro-batch's count (the same K for all of them: one shape).
     """
-    *lead, B, T = loss_mask.shape
-    flat = loss_mask.reshape(-1, B * T) > 0
-    most = int(flat.sum(axis=1).max(initial=0))
+    B, T = loss_mask.shape[-2:]
     sizes = [max(int(B * T * f), 1) for f in LABEL_FRACTIONS]
-    K = next((k for k in sizes if k >= most), None)
-    if K is None:
-        return None
-    out = np.full((flat.shape[0], K), -1, np.int32)
-    for i, row in enumerate(flat):
-        where = np.flatnonzero(row)
-        out[i, :len(where)] = where
-    return out.reshape(*lead, K)
+    return flat_positions(loss_mask > 0, lambda most: next((k for k in sizes if k >= most), None))
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -58,6 +58,27 @@ def test_main_job_builds_trains_and_reports(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run2" / "report.json").read_text())["tasks"] == ["add", "module"]
     assert "| task | valid examples |" in again.stdout
     assert json.loads((tmp_path / "run2" / "report.json").read_text())["split"] == "valid"
+
+    # Objectives on the main job: `module` answered by a classification head (scored by the head's accuracy on the
+    # same test examples), and distillation toward the cached base itself (objective.teacher=builtin).
+    heads = run_train(*SMALL, "method=full", "objective=heads", "builtin.heads=[module]",
+                      f"hydra.run.dir={tmp_path / 'heads'}", cwd=tmp_path)
+    assert "| module | 4 |" in heads.stdout
+    config = json.loads((tmp_path / "heads" / "config.json").read_text())
+    module = next(d for d in config["data"]["train"] if d["name"] == "module")
+    assert module["head"] and len(module["labels"]) >= 2 and module["labels"] == sorted(module["labels"])
+    evals = [json.loads(x) for x in (tmp_path / "heads" / "metrics.jsonl").read_text().splitlines()]
+    assert "module/accuracy" in evals[-1] and "module/ppl" not in evals[-1] and "add/ppl" in evals[-1]
+    kd = run_train(*SMALL, "objective=distill", "objective.teacher=builtin", "objective.positions=all",
+                   f"hydra.run.dir={tmp_path / 'kd'}", cwd=tmp_path)
+    assert "Held-out corpus loss (forgetting)" in kd.stdout
+    assert json.loads((tmp_path / "kd" / "config.json").read_text())["objective"]["teacher"].endswith("/base")
+    assert "divergence" in json.loads((tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()[-1])
+    bad = run_train(*SMALL, "builtin.heads=[module]", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path,
+                    check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == ("sftjax-train: error: builtin.heads=['module']: classification "
+                                                   "heads need objective=heads")
     assert "pre-training the built-in base" not in again.stdout + again.stderr
     assert os.listdir(tmp_path / "cache")  # everything built lives under SFTJAX_CACHE
     # The base's scores are kept per evaluation setting (3 test tasks; 2 validation tasks): a sweep scores it once.

@@ -42,26 +42,29 @@ def _objective(**settings):
     return base.build(section, context).bind({"teacher": CFG})
 
 
-@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
-def test_loss_is_the_formula(kind, beta):
+@pytest.mark.parametrize("kind,beta,positions", [("forward_kl", 0.5, "trained"), ("reverse_kl", 0.5, "trained"),
+                                                 ("jsd", 0.3, "trained"), ("jsd", 0.3, "all")])
+def test_loss_is_the_formula(kind, beta, positions):
     """loss = sum over trained tokens of alpha T^2 D + (1 - alpha) CE, with the logits of both models; with the
-    label_index path (logits at trained positions only) the sums are the same."""
+    label_index path (logits at trained positions only) the sums are the same. positions=all: D at every token."""
     student = sftjax.init_params(CFG, jax.random.key(0))
     teacher = sftjax.init_params(CFG, jax.random.key(1))
-    objective = _objective(alpha=0.3, temperature=2.0, divergence=kind, beta=beta)
+    objective = _objective(alpha=0.3, temperature=2.0, divergence=kind, beta=beta, positions=positions)
     batch = _batch()
     logits = sftjax.forward(CFG, student, batch["tokens"])
     teacher_logits = sftjax.forward(CFG, teacher, batch["tokens"])
     nll, _ = sft.token_nll(logits, jnp.asarray(batch["targets"]))
     div = distill.divergence(logits, teacher_logits, kind, beta, 2.0)
     w = batch["loss_mask"]
-    expected = float(np.sum((0.3 * 4.0 * np.asarray(div) + 0.7 * np.asarray(nll)) * w))
+    kd_w = w if positions == "trained" else np.ones_like(w)
+    expected = float(np.sum(0.3 * 4.0 * np.asarray(div) * kd_w + 0.7 * np.asarray(nll) * w))
     for prepared in (batch, objective.prepare(batch)):
         sums = objective.sums(student, {"teacher": teacher}, {k: jnp.asarray(v) for k, v in prepared.items()}, None)
         np.testing.assert_allclose(float(sums["loss"]), expected, rtol=RTOL)
-        np.testing.assert_allclose(float(sums["divergence"]), float(np.sum(np.asarray(div) * w)), rtol=RTOL)
+        np.testing.assert_allclose(float(sums["divergence"]), float(np.sum(np.asarray(div) * kd_w)), rtol=RTOL)
         assert float(sums["weight"]) == w.sum()
-    assert "label_index" in objective.prepare(batch)  # ~30% trained: the sparse path was exercised
+    # ~30% trained: the sparse path is exercised, except where D is taken at every token
+    assert ("label_index" in objective.prepare(batch)) == (positions == "trained")
 
 
 def test_limits_alpha_zero_is_sft_and_a_teacher_equal_to_the_student_costs_nothing():

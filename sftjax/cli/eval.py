@@ -126,7 +126,7 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
         trainable, step = restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
     objective = build_objective(data_cfg, model_cfg, data.labels)
     names = task_names(data_cfg)  # the run's task names for its eval split (metrics are keyed by them), or --data's
-    references = load_references(objective.references(), cfg.model)
+    references = load_references(objective.references(), cfg.model, tokenizer)
     objective = objective.bind({name: r.cfg for name, r in references.items()})
     mesh = device_mesh(1)
     forced = evaluate.teacher_forced(compile_eval(objective, 1), objective, replicate(trainable, mesh),

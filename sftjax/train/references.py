@@ -17,6 +17,7 @@ import dataclasses
 from pathlib import Path
 
 from sftjax.config import ModelSection
+from sftjax.data.tokenizer import Tokenizer
 from sftjax.errors import ConfigError, UserError
 from sftjax.model.config import ModelConfig, load_hf_config
 from sftjax.model.transformer import Params
@@ -87,8 +88,37 @@ def _run_params(directory: Path) -> Params:
     return params
 
 
-def load_references(paths: dict[str, str], policy: ModelSection, keys: dict[str, str] | None = None
+def _tokenizer_file(directory: Path) -> Path | None:
+    """The tokenizer.json a reference was trained with: an HF directory's own, or a run's model.tokenizer /
+    model.path; None where there is none (then only the vocabulary size is compared)."""
+    if _is_run(directory):
+        from sftjax.cli.common import run_config
+
+        model = run_config(directory, []).model
+        directory = Path(model.tokenizer or model.path)
+    path = directory / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+def check_tokenizer(key: str, path: str, tokenizer: Tokenizer) -> None:
+    """Refuse a reference whose tokenizer maps tokens to other ids than the policy's (same size or not): its
+    logits would be over another vocabulary."""
+    import tokenizers
+
+    file = _tokenizer_file(Path(path))
+    if file is None:
+        return
+    theirs = tokenizers.Tokenizer.from_file(str(file)).get_vocab(with_added_tokens=True)
+    if theirs != tokenizer.backend.get_vocab(with_added_tokens=True):
+        raise ConfigError(f"{key}={path!r}: its tokenizer ({file}, {len(theirs)} tokens) is not the student's "
+                          f"({tokenizer.source}, {tokenizer.vocab_size} tokens): the same tokenizer is needed")
+
+
+def load_references(paths: dict[str, str], policy: ModelSection, tokenizer: Tokenizer | None = None
                     ) -> dict[str, Reference]:
-    """{name: Reference} for an objective's `references()`; keys: the config key of each (for errors)."""
-    keys = keys or {}
-    return {name: load_reference(keys.get(name, f"objective.{name}"), path, policy) for name, path in paths.items()}
+    """{name: Reference} for an objective's `references()` (config key objective.<name>), each checked to use the
+    policy's tokenizer when one is given."""
+    for name, path in paths.items():
+        if tokenizer is not None:
+            check_tokenizer(f"objective.{name}", path, tokenizer)
+    return {name: load_reference(f"objective.{name}", path, policy) for name, path in paths.items()}

@@ -17,6 +17,7 @@ import sftjax
 from sftjax.cli.eval import main as eval_main
 from sftjax.errors import ConfigError
 from sftjax.objectives import base, distill, sft
+from tests.data.conftest import make_tokenizer_dir
 from tests.model import hf_models
 from tests.train.conftest import run_train
 
@@ -126,6 +127,10 @@ def teachers(workspace, tmp_path_factory):
                               ("wide", 13, model_cfg["vocab_size"] + 16)):
         hf_models.build(root / name, "llama", "gqa", seed=seed, vocab_size=vocab, tie_word_embeddings=False)
         out[name] = root / name
+    # the student's vocabulary size, but another tokenizer (other special tokens: other ids)
+    out["retok"] = make_tokenizer_dir(root, "llama3")
+    hf_models.build(out["retok"], "llama", "gqa", seed=14, vocab_size=model_cfg["vocab_size"],
+                    tie_word_embeddings=False)
     return out
 
 
@@ -171,12 +176,13 @@ def test_a_run_directory_as_teacher_and_sftjax_eval(distilled, workspace, tmp_pa
 @pytest.mark.parametrize("override,message", [
     ("objective.teacher={missing}", "objective.teacher='{missing}': no such directory"),
     ("objective.teacher={wide}", "the teacher's vocabulary has"),
+    ("objective.teacher={retok}", "objective.teacher='{retok}': its tokenizer ({retok}/tokenizer.json"),
     ("objective.alpha=2", "objective.alpha=2.0: must be in [0, 1]"),
     ("objective.temperature=0", "objective.temperature=0.0: must be > 0"),
     ("objective=nope", "Could not find 'objective/nope'"),
 ])
 def test_bad_input_one_line_exit_2(override, message, workspace, teachers, tmp_path):
-    paths = {"missing": str(tmp_path / "no_teacher"), "wide": str(teachers["wide"])}
+    paths = {"missing": str(tmp_path / "no_teacher"), "wide": str(teachers["wide"]), "retok": str(teachers["retok"])}
     args = [f"model={workspace['model']}", f"data={workspace['train']}", *BASE, f"trainer.run_dir={tmp_path / 'r'}"]
     if not override.startswith("objective="):
         args += ["objective=distill", f"objective.teacher={teachers['t1']}"]

@@ -141,6 +141,10 @@ def test_export_writes_the_heads_and_a_sequence_classifier_transformers_agrees_w
     heads = sftjax.load_heads(tmp_path / "merged")
     assert list(heads) == ["topics"] and heads["topics"][1] == ["cold", "dull", "warm"]
     assert heads["topics"][0].shape == (64, 3)
+    assert export_main(["--run", str(run), "--format", "peft", "--out", str(tmp_path / "adapter")]) == 0
+    beside_adapter = sftjax.load_heads(tmp_path / "adapter")  # the heads go beside a PEFT adapter too
+    np.testing.assert_array_equal(beside_adapter["topics"][0], heads["topics"][0])
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert export_main(["--run", str(run), "--head", "topics", "--out", str(tmp_path / "clf")]) == 0
     cfg, params, kernel, classes = sftjax.load_classifier(tmp_path / "clf")
     np.testing.assert_array_equal(kernel, heads["topics"][0])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-NAMES = ("methods", "data_efficiency", "overfitting", "search", "multitask", "task_heads")
+NAMES = ("methods", "data_efficiency", "overfitting", "search", "multitask", "task_heads", "distillation")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -196,3 +196,15 @@ def test_ab_restores_the_patched_functions():
         with ab.patched(variant):
             assert (patchable() != before) == (variant != "current")
     assert patchable() == before
+
+
+def test_distill_cost_compares_the_two_steps():
+    """distill_cost.py on a tiny config: one row per trained share, both steps run (a ratio is printed)."""
+    script = AB.parent / "distill_cost.py"
+    proc = subprocess.run([sys.executable, str(script), "--preset", "tiny-llama", "--batch", "2", "--seq", "32",
+                           "--turns", "1", "--turn", "2", "--trained", "1.0,0.25"], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row[0].strip("| ") for row in rows[1:]] == ["100%", "25%"]
+    assert all(float(row[3].strip(" |x")) > 0 for row in rows[1:])

@@ -37,7 +37,7 @@ from sftjax.model.classifier import HEADS_TENSORS, save_classifier, save_heads
 from sftjax.model.config import DTYPES
 from sftjax.model.hf import load_pretrained, save_pretrained
 from sftjax.peft import lora, peft_io, quant
-from sftjax.train.setup import build_model, build_tokenizer, restore_checkpoint
+from sftjax.train.setup import build_model, build_tokenizer, restore_checkpoint, task_names
 from sftjax.train.state import merge_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -103,7 +103,7 @@ def export_run(args: argparse.Namespace) -> str:
     model = build_model(cfg)
     trainable, step = restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
     heads = {task: np.asarray(h["kernel"]) for task, h in trainable.pop("heads", {}).items()}
-    classes = {s.name or Path(s.path).stem: s.labels for s in cfg.data.train if s.head}
+    classes = {task: s.labels for task, s in zip(task_names(cfg), cfg.data.train) if s.head}
     if args.head and args.head not in heads:
         raise UserError(f"--head {args.head}: run {args.run} has no head of that name (its heads: "
                         f"{', '.join(heads) or 'none'})")

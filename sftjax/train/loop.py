@@ -132,6 +132,9 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     (run_dir / "config.json").write_text(json.dumps(config_dump, indent=2, default=str) + "\n")
     for line in describe_model(cfg, model):
         log.info("%s", line)
+    extra = {k: v for k, v in trainable.items() if k not in model.trainable}
+    log.info("objective %s%s", objective.name, f": {sum(x.size for x in jax.tree.leaves(extra)):,} parameters of its "
+             f"own ({', '.join(extra)}), trained and saved with the model" if extra else "")
     log.info("data: %s; run dir %s", ", ".join(f"{s.name} {s.kept}" for s in train_data.stats), run_dir)
 
     def run_eval(step: int) -> dict[str, float]:

@@ -1,9 +1,9 @@
 """Multi-task heads (`objective=heads`): classification heads on the shared trunk beside the LM head.
 
 A task whose dataset declares a head (`data.train[i].head=true`; its classes listed in `labels` or collected from
-the training split) is a classification task: each example is its prompt, and a head [D, C] reads the final
-normalised hidden state of the example's last token (the token transformers' `*ForSequenceClassification` pools)
-and predicts the class. Tasks without a head keep the LM head and next-token cross-entropy on their trained
+the training split; with no declaration at all, every dataset of the run) is a classification task: each
+example is its prompt, and a head [D, C] reads the final normalised hidden state of the example's last token (the
+token transformers' `*ForSequenceClassification` pools) and predicts the class. Tasks without a head keep the LM head and next-token cross-entropy on their trained
 tokens, as SFT. The trunk is shared (full, LoRA or QLoRA); the task id of each example picks its head.
 
     logits_e = h[last token of e] @ W_task(e)          h [B, T, D], W_task [D, C_task]
@@ -138,5 +138,5 @@ class Heads(Objective):
 def make(settings: Settings, context: Context) -> Heads:
     """Without any head task (e.g. `sftjax-eval --data` files of a heads run) this computes what SFT does."""
     if not context.heads:
-        log.warning("objective=heads: no task has a head (data.train[i].head=true): every task is trained as text")
+        log.warning("objective=heads: no task has a head: every task is scored as text")
     return Heads(context.model, context.tasks, tuple(context.labels), settings)

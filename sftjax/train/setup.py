@@ -112,9 +112,11 @@ def build_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> Tokenizer:
 def _data_config(cfg: TrainConfig, datasets: list[DatasetSection], per_device_batch: int,
                  num_epochs: int | None, labels: tuple[tuple[str, ...] | None, ...] = ()) -> DataConfig:
     """labels: per dataset, the classes of its head or None; given (eval datasets: the training split's classes),
-    they decide head and labels instead of the sections' own."""
+    they decide head and labels instead of the sections' own. objective=heads with no dataset declaring a head
+    gives every dataset one (`sftjax-train objective=heads data=reviews.jsonl`)."""
     d = cfg.data
-    heads = labels or [tuple(s.labels) if s.head else None for s in datasets]
+    every = cfg.objective.get("name") == "heads" and not any(s.head for s in cfg.data.train)
+    heads = labels or [tuple(s.labels) if s.head or every else None for s in datasets]
     specs = [DatasetSpec(s.path, s.weight, s.format, s.name, s.as_chat, head=c is not None, labels=c or ())
              for s, c in zip(datasets, heads)]
     return DataConfig(datasets=specs, seq_len=d.seq_len, mask=d.mask, append_eos=d.append_eos,
@@ -182,11 +184,12 @@ def build_objective(cfg: TrainConfig, model_cfg: ModelConfig,
 
 
 def with_labels(config: dict, labels: tuple[tuple[str, ...] | None, ...]) -> dict:
-    """The resolved config with the classes each head task collected written into data.train[i].labels, so that
-    its config.json alone rebuilds the heads (sftjax-eval, sftjax-export, a teacher run)."""
+    """The resolved config with each head task marked (data.train[i].head) and the classes it collected written
+    into data.train[i].labels, so that its config.json alone rebuilds the heads (sftjax-eval, sftjax-export, a
+    teacher run)."""
     if not any(labels):
         return config
-    train = [dict(section, labels=list(classes)) if classes else section
+    train = [dict(section, head=True, labels=list(classes)) if classes else section
              for section, classes in zip(config["data"]["train"], labels)]
     return {**config, "data": {**config["data"], "train": train}}
 

@@ -163,6 +163,17 @@ def test_export_writes_the_heads_and_a_sequence_classifier_transformers_agrees_w
     assert model.config.id2label == {0: "cold", 1: "dull", 2: "warm"}
 
 
+def test_objective_heads_alone_gives_every_dataset_a_head(heads_run, workspace, tmp_path):
+    run = tmp_path / "run"
+    run_train(f"model={workspace['model']}", f"data={heads_run['root'] / 'topics.jsonl'}", "objective=heads",
+              "data.seq_len=64", "trainer.devices=1", "trainer.batch_size=4", "trainer.progress=false",
+              "trainer.max_steps=2", "trainer.num_samples=0", f"trainer.run_dir={run}", cwd=tmp_path)
+    section = json.loads((run / "config.json").read_text())["data"]["train"][0]
+    assert section["head"] and section["labels"] == ["cold", "dull", "warm"]
+    line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "topics/accuracy" in line and "topics/ppl" not in line
+
+
 @pytest.mark.parametrize("case", ["unknown_eval_label", "no_label"])
 def test_bad_head_data_one_line_exit_2(case, heads_run, workspace, tmp_path):
     root = heads_run["root"]

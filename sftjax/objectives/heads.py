@@ -1,10 +1,11 @@
 """Multi-task heads (`objective=heads`): classification heads on the shared trunk beside the LM head.
 
 A task whose dataset declares a head (`data.train[i].head=true`; its classes listed in `labels` or collected from
-the training split; with no declaration at all, every dataset of the run) is a classification task: each
-example is its prompt, and a head [D, C] reads the final normalised hidden state of the example's last token (the
-token transformers' `*ForSequenceClassification` pools) and predicts the class. Tasks without a head keep the LM
-head and next-token cross-entropy on their trained tokens, as SFT. The trunk is shared (full, LoRA or QLoRA); the task id of each example picks its head.
+the training split; with no declaration at all, every dataset of the run) is a classification task: each example is
+its prompt, and a head [D, C] reads the final normalised hidden state of the example's last token (the token
+transformers' `*ForSequenceClassification` pools) and predicts the class. Tasks without a head keep the LM head and
+next-token cross-entropy on their trained tokens, as SFT. The trunk is shared (full, LoRA or QLoRA); the task id of
+each example picks its head.
 
     logits_e = h[last token of e] @ W_task(e)          h [B, T, D], W_task [D, C_task]
     loss     = sum over trained tokens of CE(token) + head_weight * sum over head examples of CE(logits_e, class_e)

@@ -164,8 +164,10 @@ def test_export_writes_the_heads_and_a_sequence_classifier_transformers_agrees_w
 
 
 def test_objective_heads_alone_gives_every_dataset_a_head(heads_run, workspace, tmp_path):
+    """objective=heads with one dataset and no declaration: a head on it; on a 4-bit (QLoRA) trunk."""
     run = tmp_path / "run"
     run_train(f"model={workspace['model']}", f"data={heads_run['root'] / 'topics.jsonl'}", "objective=heads",
+              "method=qlora", "method.lora.rank=8",
               "data.seq_len=64", "trainer.devices=1", "trainer.batch_size=4", "trainer.progress=false",
               "trainer.max_steps=2", "trainer.num_samples=0", f"trainer.run_dir={run}", cwd=tmp_path)
     section = json.loads((run / "config.json").read_text())["data"]["train"][0]

@@ -6,10 +6,10 @@ base itself as an anchor against forgetting.
 
 (a) The teacher: the main job's `method=full` model (800 steps at lr 2e-3, `add` drawn twice). The students:
 the same recipe on a 2-layer base pre-trained on the same corpus (`builtin.base_layers=2`), on labels alone or with
-`objective=distill` toward the teacher's run directory (alpha 0.5, T 2), three data orders each.
+`objective=distill` toward the teacher's run directory (alpha 0.5, T 2; and alpha 0.2, T 1), three data orders each.
 (b) The experiments' recipe (full fine-tuning, 300 steps) plain against the same with
 `objective=distill objective.teacher=builtin objective.positions=all` (alpha 0.5, T 1: the pre-trained base,
-frozen, at every token, prompts included), three data orders each.
+frozen, at every token, prompts included; and alpha 0.1), three data orders each.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ SEEDS = (0, 1, 2)
 MAIN_FULL = ("method=full", "optim.lr=2e-3", "trainer.max_steps=800", "builtin.upsample.add=2.0")
 STUDENT = MAIN_FULL + ("builtin.base_layers=2",)
 KD = ("objective=distill", "objective.alpha=0.5", "objective.temperature=2.0")  # + objective.teacher=<run dir>
+KD_LIGHT = ("objective=distill", "objective.alpha=0.2", "objective.temperature=1.0")  # less weight, no softening
 # (b) A distillation term toward the pre-trained base, at every token.
 ANCHOR = ("objective=distill", "objective.teacher=builtin", "objective.positions=all", "objective.alpha=0.5",
           "objective.temperature=1.0")
+ANCHOR_LIGHT = ANCHOR[:3] + ("objective.alpha=0.1", "objective.temperature=1.0")
 
 
 def mean_sd(values: list[float], fmt=pct) -> str:
@@ -53,14 +55,19 @@ def tokens_s(r: dict) -> float:
 def main() -> None:
     teacher = report(train(RESULTS, "teacher", *MAIN_FULL))
     # The teacher's run directory (experiments/runs/<key>/, absolute: its checkpoints), not its results/ copy.
-    kd = KD + (f"objective.teacher={run_dir_of(*MAIN_FULL)}",)
-    dirs = {"label": [], "distilled": [], "plain": [], "anchored": []}
+    teacher_dir = (f"objective.teacher={run_dir_of(*MAIN_FULL)}",)
+    dirs = {"label": [], "distilled": [], "distilled_light": [], "plain": [], "anchored": [], "anchored_light": []}
     for s in SEEDS:
         seed = f"data.seed={s}"
         dirs["label"].append(train(RESULTS, f"label_s{s}", *STUDENT, seed))
-        dirs["distilled"].append(train(RESULTS, f"distilled_s{s}", *STUDENT, *kd, seed))
+        dirs["distilled"].append(train(RESULTS, f"distilled_s{s}", *STUDENT, *KD, *teacher_dir, seed))
         dirs["plain"].append(train(RESULTS, f"plain_s{s}", seed))
         dirs["anchored"].append(train(RESULTS, f"anchored_s{s}", *ANCHOR, seed))
+    for s in SEEDS:  # a second setting of each, added after the first results
+        seed = f"data.seed={s}"
+        dirs["distilled_light"].append(train(RESULTS, f"distilled_light_s{s}", *STUDENT, *KD_LIGHT, *teacher_dir,
+                                             seed))
+        dirs["anchored_light"].append(train(RESULTS, f"anchored_light_s{s}", *ANCHOR_LIGHT, seed))
     reports = {k: [report(d) for d in v] for k, v in dirs.items()}
     tasks = teacher["tasks"]
 
@@ -68,7 +75,9 @@ def main() -> None:
     rows = [["teacher (4 layers, one run)", *(pct(teacher["fine_tuned"][t]) for t in tasks),
              f"**{pct(teacher['mean'])}**", f"{teacher['corpus_loss_tuned']:.3f}", f"{seconds(teacher):.0f}",
              f"{tokens_s(teacher):,.0f}"]]
-    for key, name in (("label", "student (2 layers), labels alone"), ("distilled", "student (2 layers), distilled")):
+    for key, name in (("label", "student (2 layers), labels alone"),
+                      ("distilled", "student (2 layers), distilled: alpha 0.5, T 2"),
+                      ("distilled_light", "student (2 layers), distilled: alpha 0.2, T 1")):
         rs = reports[key]
         rows.append([name, *(pct(statistics.mean(r["fine_tuned"][t] for r in rs)) for t in tasks),
                      f"**{mean_sd([r['mean'] for r in rs])}**",
@@ -76,19 +85,21 @@ def main() -> None:
                      f"{statistics.mean(seconds(r) for r in rs):.0f}",
                      f"{statistics.mean(tokens_s(r) for r in rs):,.0f}"])
     header_a = ["model", *tasks, "mean", "held-out corpus loss", "fine-tuning seconds", "train tokens/s"]
-    per_order = "; ".join(f"{k}: " + " / ".join(pct(r["mean"]) for r in reports[k]) for k in ("label", "distilled"))
+    per_order = "; ".join(f"{k}: " + " / ".join(pct(r["mean"]) for r in reports[k])
+                          for k in ("label", "distilled", "distilled_light"))
     base_loss = reports["label"][0]["corpus_loss_base"]
 
     # (b) plain vs anchored
     rows_b = []
-    for key, name in (("plain", "plain fine-tuning"), ("anchored", "+ distillation toward the base")):
+    for key, name in (("plain", "plain fine-tuning"), ("anchored", "+ distillation toward the base, alpha 0.5"),
+                      ("anchored_light", "+ distillation toward the base, alpha 0.1")):
         rs = reports[key]
         rows_b.append([name, f"**{pct(statistics.mean(r['mean'] for r in rs))}**",
                        f"**{statistics.mean(r['forgetting'] for r in rs):+.3f}**",
                        *(f"{pct(r['mean'])} / {r['forgetting']:+.3f}" for r in rs),
                        f"{statistics.mean(seconds(r) for r in rs):.0f}"])
-    header_b = ["fine-tuning", "mean exact match", "forgetting", *(f"order {s}: exact match / forgetting" for s in SEEDS),
-                "fine-tuning seconds"]
+    header_b = ["fine-tuning", "mean exact match", "forgetting",
+                *(f"order {s}: exact match / forgetting" for s in SEEDS), "fine-tuning seconds"]
 
     text = "\n".join([
         f"Measured {machine(dirs['distilled'][0])}; `python experiments/distillation/run.py`.", "",
@@ -107,7 +118,8 @@ def main() -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
-    bars = [("teacher", [teacher]), ("labels alone", reports["label"]), ("distilled", reports["distilled"])]
+    bars = [("teacher", [teacher]), ("labels alone", reports["label"]), ("distilled\n0.5, T 2", reports["distilled"]),
+            ("distilled\n0.2, T 1", reports["distilled_light"])]
     for i, (name, rs) in enumerate(bars):
         ax.bar(i, 100 * statistics.mean(r["mean"] for r in rs), width=0.6, color=f"C{i}", alpha=0.6)
         ax.scatter([i] * len(rs), [100 * r["mean"] for r in rs], color="k", s=18, zorder=3)
@@ -116,7 +128,8 @@ def main() -> None:
     ax.set_ylim(0, 100)
     ax.set_title("(a) 2-layer students (points: data orders)")
     ax = axes[1]
-    for i, (key, name) in enumerate((("plain", "plain"), ("anchored", "+ distillation toward the base"))):
+    for i, (key, name) in enumerate((("plain", "plain"), ("anchored", "+ distillation toward the base, alpha 0.5"),
+                                     ("anchored_light", "+ distillation toward the base, alpha 0.1"))):
         rs = reports[key]
         ax.scatter([r["forgetting"] for r in rs], [100 * r["mean"] for r in rs], color=f"C{i}", s=40, label=name)
     ax.set_xlabel("forgetting: increase of held-out corpus loss (nats / token)")

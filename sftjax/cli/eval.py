@@ -1,4 +1,4 @@
-"""`sftjax-eval`: loss, perplexity, token accuracy and exact match of a base model or a run's checkpoint, per task.
+"""`sftjax-eval`: loss, perplexity, accuracy and exact match of a base model or a run's checkpoint, per task.
 
     sftjax-eval --model path/to/hf_dir --data test.jsonl --data other.jsonl data.seq_len=1024
     sftjax-eval --run runs/2026-11-24/12-00-00 --best --json               # on the run's own eval split
@@ -139,8 +139,8 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
 
     def metrics(prefix: str, examples: int) -> dict[str, Any]:
         """The objective's metrics (SFT: tokens, loss, ppl, accuracy; a head task: loss, accuracy of its head)."""
-        out = {"examples": examples, **{key[len(prefix):]: value for key, value in forced.items()
-                                        if key.startswith(prefix) and "/" not in key[len(prefix):]}}
+        out = {**{key[len(prefix):]: value for key, value in forced.items()
+                  if key.startswith(prefix) and "/" not in key[len(prefix):]}, "examples": examples}
         if "tokens" in out:
             out["tokens"] = int(out["tokens"])
         return {**out, "exact_match": exact.get(f"{prefix}exact_match")}
@@ -155,7 +155,7 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"model {result['model']}{where}")
     rows = [*result["tasks"].items(), ("overall", result["overall"])]
     width = max(len(name) for name, _ in rows)
-    print(f"{'task':<{width}}  {'examples':>8}  {'tokens':>8}  {'loss':>8}  {'ppl':>10}  {'token acc':>9}  "
+    print(f"{'task':<{width}}  {'examples':>8}  {'tokens':>8}  {'loss':>8}  {'ppl':>10}  {'accuracy':>9}  "
           f"{'exact match':>11}")
     show = lambda m, key, form: "-" if m.get(key) is None else format(m[key], form)  # noqa: E731
     for name, m in rows:

@@ -133,6 +133,10 @@ def test_sftjax_eval_reports_the_head(heads_run, capsys):
     assert topics["accuracy"] == logged["topics/accuracy"] and topics["examples"] == 24 and "ppl" not in topics
     np.testing.assert_allclose(topics["loss"], logged["topics/loss"], rtol=RTOL)
     assert topics["exact_match"] is None and result["tasks"]["arith"]["exact_match"] is not None
+    assert type(topics["examples"]) is int and result["overall"]["examples"] == 24 + 20  # every example counted
+    assert eval_main(["--run", str(heads_run["run"]), "--max-new-tokens", "0"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["topics"][1:4] == ["24", "-", f"{topics['loss']:.4f}"] and rows["overall"][1] == "44"
 
 
 def test_export_writes_the_heads_and_a_sequence_classifier_transformers_agrees_with(heads_run, workspace, tmp_path):

@@ -177,12 +177,17 @@ def test_a_run_directory_as_teacher_and_sftjax_eval(distilled, workspace, tmp_pa
     ("objective.teacher={missing}", "objective.teacher='{missing}': no such directory"),
     ("objective.teacher={wide}", "the teacher's vocabulary has"),
     ("objective.teacher={retok}", "objective.teacher='{retok}': its tokenizer ({retok}/tokenizer.json"),
+    ("objective.teacher={broken}", "objective.teacher='{broken}': {broken}"),
     ("objective.alpha=2", "objective.alpha=2.0: must be in [0, 1]"),
     ("objective.temperature=0", "objective.temperature=0.0: must be > 0"),
     ("objective=nope", "Could not find 'objective/nope'"),
 ])
 def test_bad_input_one_line_exit_2(override, message, workspace, teachers, tmp_path):
-    paths = {"missing": str(tmp_path / "no_teacher"), "wide": str(teachers["wide"]), "retok": str(teachers["retok"])}
+    broken = tmp_path / "broken_teacher"  # a config.json and no weights: does not load
+    broken.mkdir()
+    (broken / "config.json").write_text((teachers["t1"] / "config.json").read_text())
+    paths = {"missing": str(tmp_path / "no_teacher"), "wide": str(teachers["wide"]), "retok": str(teachers["retok"]),
+             "broken": str(broken)}
     args = [f"model={workspace['model']}", f"data={workspace['train']}", *BASE, f"trainer.run_dir={tmp_path / 'r'}"]
     if not override.startswith("objective="):
         args += ["objective=distill", f"objective.teacher={teachers['t1']}"]

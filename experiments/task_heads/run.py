@@ -66,7 +66,8 @@ def main() -> None:
     header = ["module as", "module", *others, "mean", "forgetting", "fine-tuning seconds",
               "steps to 95% of final validation module accuracy (order 0 / 1 / 2)"]
     every = json.loads((dirs["text"][0] / "config.json").read_text())["trainer"]["eval_every"]
-    per_order = "; ".join(f"{v}: " + " / ".join(pct(r["fine_tuned"]["module"]) for r in rs) for v, rs in reports.items())
+    per_order = "; ".join(f"{v}: " + " / ".join(pct(r["fine_tuned"]["module"]) for r in rs)
+                          for v, rs in reports.items())
     text = "\n".join([
         f"Measured {machine(dirs['head'][0])}; `python experiments/task_heads/run.py`.", "",
         table(header, rows), "",

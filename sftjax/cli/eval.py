@@ -41,8 +41,7 @@ from sftjax.train import evaluate
 from sftjax.train.references import load_references
 from sftjax.train.setup import (build_data, build_model, build_objective, build_tokenizer, restore_checkpoint,
                                 task_names)
-from sftjax.train.state import device_mesh, merge_params, replicate
-from sftjax.train.step import compile_eval
+from sftjax.train.state import merge_params
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -128,10 +127,7 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
     names = task_names(data_cfg)  # the run's task names for its eval split (metrics are keyed by them), or --data's
     references = load_references(objective.references(), cfg.model, tokenizer)
     objective = objective.bind({name: r.cfg for name, r in references.items()})
-    mesh = device_mesh(1)
-    forced = evaluate.teacher_forced(compile_eval(objective, 1), objective, replicate(trainable, mesh),
-                                     replicate(frozen, mesh), replicate({n: r.params for n, r in references.items()},
-                                                                        mesh), data, devices=1)
+    forced = evaluate.on_one_device(objective, trainable, data, frozen, {n: r.params for n, r in references.items()})
     exact = {}
     if args.max_new_tokens:
         exact = evaluate.generation_accuracy(model_cfg, merge_params(frozen, trainable), tokenizer, data,

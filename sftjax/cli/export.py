@@ -36,8 +36,8 @@ from sftjax.errors import UserError
 from sftjax.model.classifier import HEADS_TENSORS, save_classifier, save_heads
 from sftjax.model.config import DTYPES
 from sftjax.model.hf import load_pretrained, save_pretrained
-from sftjax.peft import lora, peft_io, quant
-from sftjax.train.setup import build_model, build_tokenizer, restore_checkpoint, task_names
+from sftjax.peft import lora, peft_io
+from sftjax.train.setup import build_model, build_tokenizer, merged_params, restore_checkpoint, task_names
 from sftjax.train.state import merge_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -120,11 +120,7 @@ def export_run(args: argparse.Namespace) -> str:
     if args.requantize and cfg.method.name != "qlora":
         raise UserError(f"--requantize: run {args.run} has a float base (method.name={cfg.method.name}); only a "
                         "qlora run has a 4-bit format to re-quantize into")
-    params = merge_params(model.frozen, trainable)
-    errors: dict[str, float] = {}
-    if model.lora is not None:
-        params, errors = lora.merge(params, model.lora.scale, requantize=args.requantize)
-        params = quant.dequantize_params(params)
+    params, errors = merged_params(model, trainable, requantize=args.requantize)
     dtype = args.dtype or cfg.model.param_dtype
     if args.head:
         tokenizer = build_tokenizer(cfg, model.cfg)

@@ -29,8 +29,6 @@ from sftjax.model.transformer import Params
 from sftjax.train import evaluate
 from sftjax.objectives import heads as heads_objective
 from sftjax.objectives import sft
-from sftjax.train.state import device_mesh, replicate
-from sftjax.train.step import compile_eval
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -62,21 +60,14 @@ def head_accuracy(cfg: ModelConfig, params: Params, data: Prepared) -> dict[str,
     """task -> accuracy of its classification head (params["heads"]) on the head tasks of `data` (one device)."""
     tasks = tuple(evaluate.task_names(data))
     objective = heads_objective.Heads(cfg, tasks, data.labels, heads_objective.Settings())
-    mesh = device_mesh(1)
-    empty = replicate({}, mesh)
-    result = evaluate.teacher_forced(compile_eval(objective, 1), objective, replicate(params, mesh), empty, empty,
-                                     data, 1)
+    result = evaluate.on_one_device(objective, params, data)
     return {t: result[f"{t}/accuracy"] for t, classes in zip(tasks, data.labels) if classes is not None}
 
 
 def corpus_loss(cfg: ModelConfig, params: Params, data: Prepared, max_batches: int) -> float:
     """Mean next-token loss of `params` on the held-out corpus (teacher forced, one device)."""
-    objective = sft.SFT(cfg, tuple(evaluate.task_names(data)))
-    mesh = device_mesh(1)
-    empty = replicate({}, mesh)
-    result = evaluate.teacher_forced(compile_eval(objective, 1), objective, replicate(params, mesh), empty, empty,
-                                     data, 1, max_batches)
-    return result["loss"]
+    return evaluate.on_one_device(sft.SFT(cfg, tuple(evaluate.task_names(data))), params, data,
+                                  max_batches=max_batches)["loss"]
 
 
 @dataclasses.dataclass

@@ -47,7 +47,7 @@ from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import hidden_states, lm_head
 from sftjax.objectives.base import Batch, Context, Objective, per_task, ratio
-from sftjax.objectives.sft import at_trained, label_index, lm_metrics, lm_sums, token_nll
+from sftjax.objectives.sft import at_trained, lm_metrics, lm_sums, token_nll, with_label_index
 
 NAME = "distill"
 
@@ -158,8 +158,7 @@ class Distill(Objective):
         return dataclasses.replace(self, teacher=teacher)
 
     def prepare(self, batch: Batch) -> Batch:
-        index = label_index(batch["loss_mask"]) if self.settings.positions == "trained" else None
-        return batch if index is None else {**batch, "label_index": index}
+        return with_label_index(batch) if self.settings.positions == "trained" else batch
 
     def sums(self, params, refs, batch, rng):
         s = self.settings

@@ -36,7 +36,7 @@ from sftjax.model.config import ModelConfig
 from sftjax.model.layers import linear
 from sftjax.model.transformer import hidden_states, lm_head
 from sftjax.objectives.base import Batch, Context, Objective, Params, flat_positions, per_task, ratio
-from sftjax.objectives.sft import at_trained, label_index, lm_metrics, lm_sums, token_nll
+from sftjax.objectives.sft import at_trained, lm_metrics, lm_sums, token_nll, with_label_index
 
 NAME = "heads"
 log = logging.getLogger("sftjax")
@@ -87,9 +87,7 @@ class Heads(Objective):
                           for task, classes, key in zip(self.tasks, self.labels, keys) if classes is not None}}
 
     def prepare(self, batch: Batch) -> Batch:
-        out = {**batch, "head_index": head_index(batch["class_ids"])}
-        index = label_index(batch["loss_mask"])
-        return out if index is None else {**out, "label_index": index}
+        return with_label_index({**batch, "head_index": head_index(batch["class_ids"])})
 
     def sums(self, params, refs, batch, rng):
         h = hidden_states(self.cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"], rng)

@@ -43,6 +43,12 @@ def label_index(loss_mask: np.ndarray) -> np.ndarray | None:
     return flat_positions(loss_mask > 0, lambda most: next((k for k in sizes if k >= most), None))
 
 
+def with_label_index(batch: Batch) -> Batch:
+    """batch plus its `label_index` (host side, per batch) when few enough of its tokens are trained."""
+    index = label_index(batch["loss_mask"])
+    return batch if index is None else {**batch, "label_index": index}
+
+
 def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(negative log-likelihood [B, T], correct [B, T]) of targets [B, T] under logits [B, T, V], in float32.
 
@@ -125,8 +131,7 @@ class SFT(Objective):
     name = NAME
 
     def prepare(self, batch: Batch) -> Batch:
-        index = label_index(batch["loss_mask"])
-        return batch if index is None else {**batch, "label_index": index}
+        return with_label_index(batch)
 
     def sums(self, params, refs, batch, rng):
         return sft_sums(self.cfg, params, batch, rng, len(self.tasks))

@@ -22,6 +22,8 @@ from sftjax.model.config import ModelConfig
 from sftjax.model.generate import generate
 from sftjax.model.transformer import Params
 from sftjax.objectives.base import Objective
+from sftjax.train.state import device_mesh, replicate
+from sftjax.train.step import compile_eval
 
 _GENERATION_BATCH = 16  # prompts decoded together
 
@@ -64,6 +66,14 @@ def teacher_forced(p_eval: Callable, objective: Objective, trainable: Any, froze
     if totals is None:
         return {}
     return summarise(objective, totals)
+
+
+def on_one_device(objective: Objective, trainable: Any, data: Prepared, frozen: Any = None, refs: Any = None,
+                  max_batches: int = 0) -> dict[str, float]:
+    """`teacher_forced` of host trees (not replicated) on the first local device: sftjax-eval and the report."""
+    mesh = device_mesh(1)
+    return teacher_forced(compile_eval(objective, 1), objective, replicate(trainable, mesh),
+                          replicate(frozen or {}, mesh), replicate(refs or {}, mesh), data, 1, max_batches)
 
 
 def split_prompt(example: Tokenized) -> tuple[list[int], list[int]]:

@@ -74,18 +74,11 @@ def load_reference(key: str, path: str, policy: ModelSection) -> Reference:
 def _run_params(directory: Path) -> Params:
     """The weights of a run's latest checkpoint as one plain tree: adapters merged, 4-bit base dequantized."""
     from sftjax.cli.common import run_config
-    from sftjax.peft import lora, quant
-    from sftjax.train.setup import build_model, restore_checkpoint
-    from sftjax.train.state import merge_params
+    from sftjax.train.setup import build_model, merged_params, restore_checkpoint
 
     cfg = run_config(directory, [])
     model = build_model(cfg)
-    trainable, _ = restore_checkpoint(cfg, directory / "checkpoints", model)
-    params = merge_params(model.frozen, {k: v for k, v in trainable.items() if k != "heads"})
-    if model.lora is not None:
-        params, _ = lora.merge(params, model.lora.scale)
-        params = quant.dequantize_params(params)
-    return params
+    return merged_params(model, restore_checkpoint(cfg, directory / "checkpoints", model)[0])[0]
 
 
 def _tokenizer_file(directory: Path) -> Path | None:

@@ -25,7 +25,7 @@ from sftjax.peft import lora as lora_lib
 from sftjax.peft import quant
 from sftjax.train.checkpoint import Checkpointer, check_base, fingerprint
 from sftjax.train.optim import make_optimizer
-from sftjax.train.state import init_state
+from sftjax.train.state import init_state, merge_params
 from sftjax.train.evaluate import one_pass
 
 
@@ -198,6 +198,17 @@ def run_trainable(model: Model, objective: objectives.Objective, seed: int) -> P
     """What a run trains: the model's trainable tree plus the objective's own parameters (task heads)."""
     extra = objective.init(jax.random.fold_in(jax.random.key(seed), 2))
     return {**model.trainable, **extra}
+
+
+def merged_params(model: Model, trainable: Params, requantize: bool = False) -> tuple[Params, dict[str, float]]:
+    """A run's weights as one plain float tree: adapters folded into the base (a 4-bit base dequantized first;
+    requantize: the merged weights rounded to its code), the objective's own parameters (heads) left out. Returns
+    (params, re-quantization error per merged weight; {} for full fine-tuning)."""
+    params = merge_params(model.frozen, {k: v for k, v in trainable.items() if k != "heads"})
+    if model.lora is None:
+        return params, {}
+    params, errors = lora_lib.merge(params, model.lora.scale, requantize=requantize)
+    return quant.dequantize_params(params), errors
 
 
 def restore_checkpoint(cfg: TrainConfig, directory: Path, model: Model, step: int | None = None,

@@ -38,9 +38,8 @@ from sftjax.data.tokenizer import Tokenizer
 from sftjax.errors import UserError
 from sftjax.model.config import PRESETS
 from sftjax.train import evaluate
-from sftjax.train.references import load_references
-from sftjax.train.setup import (build_data, build_model, build_objective, build_tokenizer, restore_checkpoint,
-                                task_names)
+from sftjax.train.setup import (build_data, build_model, build_objective, build_references, build_tokenizer,
+                                check_data, restore_checkpoint, task_names)
 from sftjax.train.state import merge_params
 
 
@@ -125,9 +124,9 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
         trainable, step = restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
     objective = build_objective(data_cfg, model_cfg, data.labels)
     names = task_names(data_cfg)  # the run's task names for its eval split (metrics are keyed by them), or --data's
-    references = load_references(objective.references(), cfg.model, tokenizer)
-    objective = objective.bind({name: r.cfg for name, r in references.items()})
-    forced = evaluate.on_one_device(objective, trainable, data, frozen, {n: r.params for n, r in references.items()})
+    check_data(objective, data)
+    objective, refs, _, (data,) = build_references(data_cfg, model, objective, tokenizer, [data])
+    forced = evaluate.on_one_device(objective, trainable, data, frozen, refs)
     exact = {}
     if args.max_new_tokens:
         exact = evaluate.generation_accuracy(model_cfg, merge_params(frozen, trainable), tokenizer, data,
@@ -135,8 +134,10 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
 
     def metrics(prefix: str, examples: int) -> dict[str, Any]:
         """The objective's metrics (SFT: tokens, loss, ppl, accuracy; a head task: loss, accuracy of its head)."""
-        out = {**{key[len(prefix):]: value for key, value in forced.items()
-                  if key.startswith(prefix) and "/" not in key[len(prefix):]}, "examples": examples}
+        def mine(key: str) -> bool:  # the task's keys, or (prefix "") those of no task ("rewards/chosen" too)
+            return key.startswith(prefix) if prefix else not any(key.startswith(f"{n}/") for n in names)
+
+        out = {**{key[len(prefix):]: value for key, value in forced.items() if mine(key)}, "examples": examples}
         if "tokens" in out:
             out["tokens"] = int(out["tokens"])
         return {**out, "exact_match": exact.get(f"{prefix}exact_match")}

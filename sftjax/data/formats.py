@@ -1,4 +1,5 @@
-"""Dataset readers: local JSONL / JSON files in the four SFT formats, validated record by record.
+"""Dataset readers: local JSONL / JSON files in the four SFT formats and TRL's preference format, validated record
+by record.
 
 Formats (the first record's keys pick one unless `format=` overrides; extra keys are ignored):
 
@@ -6,6 +7,13 @@ Formats (the first record's keys pick one unless `format=` overrides; extra keys
     prompt_completion  {"prompt": str, "completion": str}
     alpaca             {"instruction": str, "input": str (optional), "output": str}
     text               {"text": str}                      (continued pre-training: every token is trained)
+    preference         {"prompt": ..., "chosen": ..., "rejected": ..., "margin": float (optional)}: a `Pair`
+
+Preference records come in TRL's three shapes (`Pair` below): text (`prompt`, `chosen`, `rejected` strings; without
+`prompt`, the longest common prefix of chosen and rejected, backed off to a space, as TRL's `extract_prompt`);
+conversational with an explicit prompt (`prompt` a message list, `chosen` / `rejected` the assistant's message
+lists, or strings taken as one assistant message); conversational with an implicit prompt (`chosen` / `rejected`
+whole conversations that agree up to their final assistant message, which is where they may differ).
 
 A file is JSON Lines (one object per line, blank lines skipped) or one JSON array of objects. Every record becomes
 an `Example`: either chat `messages` (rendered later by the model's chat template) or plain `prompt` + `completion`
@@ -33,7 +41,7 @@ from typing import Any
 
 from sftjax.data.errors import DataError
 
-FORMATS = ("chat", "prompt_completion", "alpaca", "text")
+FORMATS = ("chat", "prompt_completion", "alpaca", "text", "preference")
 ROLES = ("system", "user", "assistant", "tool")
 
 # Stanford Alpaca's prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
@@ -61,6 +69,26 @@ class Example:
     label: str | None = None  # the class of a head example (see the module docstring); None: trained as text
 
 
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One preference example: a prompt and two completions of it, `chosen` (preferred) and `rejected`.
+
+    Text: prompt, chosen and rejected are strings. Conversational: prompt is the message list before the answer and
+    chosen / rejected are the assistant's message lists (rendered after the prompt by the chat template).
+    margin: how much better chosen is (reward models: Bradley-Terry with a margin); None when the record has none.
+    """
+
+    where: str
+    prompt: str | tuple[dict[str, Any], ...]
+    chosen: str | tuple[dict[str, Any], ...]
+    rejected: str | tuple[dict[str, Any], ...]
+    margin: float | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+
 def _show(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
     return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS] + "..."
@@ -75,6 +103,8 @@ def detect_format(record: dict[str, Any], where: str, head: bool = False) -> str
     """The format a record's keys indicate (head: a `label` field may stand for the completion). Raises DataError
     if none fits."""
     labelled = head and "label" in record
+    if "chosen" in record or "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "chat"
     if "prompt" in record and ("completion" in record or labelled):
@@ -84,7 +114,7 @@ def detect_format(record: dict[str, Any], where: str, head: bool = False) -> str
     if "text" in record:
         return "text"
     raise DataError(f"{where}: cannot detect the format from keys {sorted(record)[:8]} (expected 'messages', "
-                    "'prompt'+'completion', 'instruction'+'output' or 'text'; or set format=)")
+                    "'prompt'+'completion', 'instruction'+'output', 'text' or 'chosen'+'rejected'; or set format=)")
 
 
 def _string(record: dict[str, Any], key: str, where: str, optional: bool = False) -> str:
@@ -98,17 +128,17 @@ def _string(record: dict[str, Any], key: str, where: str, optional: bool = False
     return value
 
 
-def _messages(record: dict[str, Any], where: str) -> tuple[dict[str, Any], ...]:
-    if "messages" not in record:
-        raise DataError(f"{where}: missing field 'messages'")
-    messages = record["messages"]
+def _messages(record: dict[str, Any], where: str, field: str = "messages") -> tuple[dict[str, Any], ...]:
+    if field not in record:
+        raise DataError(f"{where}: missing field '{field}'")
+    messages = record[field]
     if not isinstance(messages, list):
-        raise DataError(f"{where}: field 'messages' must be an array, got {_type_name(messages)}")
+        raise DataError(f"{where}: field '{field}' must be an array, got {_type_name(messages)}")
     if not messages:
-        raise DataError(f"{where}: field 'messages' is empty")
+        raise DataError(f"{where}: field '{field}' is empty")
     out = []
     for i, message in enumerate(messages):
-        key = f"messages[{i}]"
+        key = f"{field}[{i}]"
         if not isinstance(message, dict):
             raise DataError(f"{where}: {key} must be an object, got {_type_name(message)}")
         role = message.get("role")
@@ -165,6 +195,15 @@ def parse_record(record: Any, fmt: str, where: str, as_chat: bool = False, head:
     """
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
+    if fmt == "preference":
+        if head:
+            raise DataError(f"{where}: a preference record cannot have a classification head (head=true)")
+        pair = parse_pair(record, where)
+        if as_chat and not pair.is_chat:  # a text pair rendered as a user / assistant exchange
+            turn = lambda text: ({"role": "assistant", "content": text},)  # noqa: E731
+            pair = dataclasses.replace(pair, prompt=({"role": "user", "content": pair.prompt},),
+                                       chosen=turn(pair.chosen), rejected=turn(pair.rejected))
+        return pair
     if head and fmt == "text":
         raise DataError(f"{where}: format text cannot have a classification head (head=true needs chat, "
                         "prompt_completion or alpaca records)")
@@ -195,6 +234,63 @@ def parse_record(record: Any, fmt: str, where: str, as_chat: bool = False, head:
         return Example(where, messages=({"role": "user", "content": prompt},
                                         {"role": "assistant", "content": completion}))
     return Example(where, prompt=prompt, completion=completion)
+
+
+def common_text_prefix(chosen: str, rejected: str) -> str:
+    """The implicit prompt of a text pair without `prompt`: their longest common prefix, ending before the space
+    that starts the first differing word (TRL's `extract_prompt` rule)."""
+    i = 0
+    while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
+        i += 1
+    if 0 < i < min(len(chosen), len(rejected)) and chosen[i - 1] == " ":
+        i -= 1
+    return chosen[:i]
+
+
+def _answer(record: dict[str, Any], key: str, where: str) -> tuple[dict[str, Any], ...]:
+    """chosen / rejected next to a message-list prompt: assistant messages (a string is one assistant message)."""
+    value = record[key]
+    if isinstance(value, str):
+        return ({"role": "assistant", "content": value},)
+    messages = _messages(record, where, key)
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: {key}[{len(messages) - 1}] has role {messages[-1]['role']!r}; the last message "
+                        "of a completion must be the assistant's")
+    return messages
+
+
+def parse_pair(record: dict[str, Any], where: str) -> Pair:
+    """A preference record (any of TRL's shapes, see the module docstring) -> Pair. Raises DataError naming where."""
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise DataError(f"{where}: missing field '{key}' (a preference record needs 'chosen' and 'rejected')")
+    margin = record.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise DataError(f"{where}: field 'margin' must be a number, got {_type_name(margin)} {_show(margin)}")
+    margin = None if margin is None else float(margin)
+    chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str) and (prompt is None or isinstance(prompt, str)):
+        if prompt is None:
+            prompt = common_text_prefix(chosen, rejected)
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        return Pair(where, prompt, chosen, rejected, margin)
+    if isinstance(prompt, str):
+        raise DataError(f"{where}: field 'prompt' is a string but 'chosen' / 'rejected' are not (give strings for "
+                        "all three, or a message list as prompt)")
+    if prompt is not None:
+        messages = _messages(record, where, "prompt")
+        return Pair(where, messages, _answer(record, "chosen", where), _answer(record, "rejected", where), margin)
+    full_chosen, full_rejected = _messages(record, where, "chosen"), _messages(record, where, "rejected")
+    for key, full in (("chosen", full_chosen), ("rejected", full_rejected)):
+        if full[-1]["role"] != "assistant" or len(full) < 2:
+            raise DataError(f"{where}: field '{key}' must be a conversation ending with an assistant message after "
+                            "at least one other message (or give 'prompt' separately)")
+    if full_chosen[:-1] != full_rejected[:-1]:
+        i = next((i for i, (a, b) in enumerate(zip(full_chosen, full_rejected)) if a != b),
+                 min(len(full_chosen), len(full_rejected)) - 1)
+        raise DataError(f"{where}: the prompts of chosen and rejected differ (messages[{i}]); a conversational pair "
+                        "may differ only in its final assistant message")
+    return Pair(where, full_chosen[:-1], full_chosen[-1:], full_rejected[-1:], margin)
 
 
 def _decode(raw: bytes, path: Path, line_offset: int = 0) -> str:
@@ -271,11 +367,12 @@ def read_records(path: str | Path):
 
 
 def read_dataset(path: str | Path, format: str = "auto", as_chat: bool = False,  # noqa: A002
-                 head: bool = False) -> list[Example]:
+                 head: bool = False) -> list[Example] | list[Pair]:
     """Read and validate every record of a local JSONL / JSON file -> examples, in file order.
 
     format: "auto" (detected from the first record's keys) or one of FORMATS.
     head: a classification dataset: every example gets its `label` (see the module docstring).
+    A preference file gives Pairs (every record must be one: the format is the first record's).
     """
     if format != "auto" and format not in FORMATS:
         raise DataError(f"format={format!r}: unknown format (expected auto or one of {', '.join(FORMATS)})")

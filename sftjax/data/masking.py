@@ -56,12 +56,18 @@ class Tokenized:
 
     label: the class index of a head example, read from its last token. Tokenizing leaves it -1; `pipeline.prepare`
     sets it once the dataset's classes are known (they may be collected from the whole dataset). -1: an LM example.
+    split: a preference pair (`data/preference.py`) holds its chosen sequence in tokens[:split] and its rejected one
+    in tokens[split:]; 0: not a pair. margin: the pair's margin (0 when it has none). ref: the reference policy's
+    summed log-probabilities of (chosen, rejected) completions when precomputed (`train/references.py`), else None.
     """
 
     tokens: np.ndarray
     mask: np.ndarray
     where: str
     label: int = -1
+    split: int = 0
+    margin: float = 0.0
+    ref: tuple[float, float] | None = None
 
     @property
     def num_trained(self) -> int:

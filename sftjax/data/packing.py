@@ -14,6 +14,17 @@ class_ids (the class index of a head example at its segment's LAST token, the on
 -1 everywhere else, on padding and for LM examples). The last token of a segment predicts nothing, so a row never
 learns across an example boundary.
 
+Preference pairs (`data/preference.py`) are packed as units: a pair's chosen and rejected sequences go into the same
+row as two consecutive segments (each with positions from 0, so one forward pass scores both exactly as if alone),
+and rows of pairs carry three more keys (`PAIR_KEYS`):
+
+    pair_ids   int32    +k on the chosen sequence of the row's k-th pair, -k on its rejected one, 0 elsewhere
+    margins    float32  the pair's margin at the first token of its chosen sequence, 0 elsewhere
+    ref_logps  float32  the reference's precomputed log-probability of each sequence's completion at the sequence's
+                        first token, 0 elsewhere (0 everywhere when not precomputed)
+
+With packing "none" each row holds one pair (the padded layout).
+
 Over-long examples (L > T): "drop", "error", or "truncate", which keeps the completion: it cuts prompt tokens from
 the left (keeping BOS and one token of context before the first trained token), then, only if still too long,
 cuts the end. A head example has no trained token, so truncating it keeps BOS and its end (the last token is
@@ -34,6 +45,7 @@ from sftjax.data.masking import Tokenized
 PACKING = ("bfd", "greedy", "none")
 OVER_LONG = ("truncate", "drop", "error")
 ROW_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "task_ids", "class_ids")
+PAIR_KEYS = ("pair_ids", "margins", "ref_logps")
 
 
 def fit_length(ex: Tokenized, seq_len: int, policy: str, bos_id: int | None) -> Tokenized | None:
@@ -91,8 +103,9 @@ def pack_bins(lengths: Sequence[int], seq_len: int, method: str = "bfd") -> list
 
 
 def build_rows(examples: Sequence[Tokenized], task_ids: Sequence[int], bins: Sequence[Sequence[int]],
-               seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Lay out packed rows -> dict of [R, T] arrays (see the module docstring)."""
+               seq_len: int, pad_id: int = 0, pairs: bool = False) -> dict[str, np.ndarray]:
+    """Lay out packed rows -> dict of [R, T] arrays (see the module docstring); pairs: rows of preference pairs,
+    with PAIR_KEYS."""
     R, T = len(bins), seq_len
     rows = {
         "tokens": np.full((R, T), pad_id, np.int32),
@@ -103,23 +116,34 @@ def build_rows(examples: Sequence[Tokenized], task_ids: Sequence[int], bins: Seq
         "task_ids": np.full((R, T), -1, np.int32),
         "class_ids": np.full((R, T), -1, np.int32),
     }
+    if pairs:
+        rows.update(pair_ids=np.zeros((R, T), np.int32), margins=np.zeros((R, T), np.float32),
+                    ref_logps=np.zeros((R, T), np.float32))
     for r, members in enumerate(bins):
-        offset = 0
-        for segment, i in enumerate(members, start=1):
+        offset, segment = 0, 0
+        for k, i in enumerate(members, start=1):
             ex = examples[i]
-            n = len(ex.tokens)
-            end = offset + n
-            rows["tokens"][r, offset:end] = ex.tokens
-            rows["targets"][r, offset:end - 1] = ex.tokens[1:]
-            rows["loss_mask"][r, offset:end - 1] = ex.mask[1:]
-            rows["segment_ids"][r, offset:end] = segment
-            rows["positions"][r, offset:end] = np.arange(n)
-            rows["task_ids"][r, offset:end] = task_ids[i]
-            rows["class_ids"][r, end - 1] = ex.label  # -1 for an LM example
-            offset = end
+            sequences = [(ex.tokens, ex.mask)] if not ex.split else [
+                (ex.tokens[:ex.split], ex.mask[:ex.split]), (ex.tokens[ex.split:], ex.mask[ex.split:])]
+            for role, (tokens, mask) in enumerate(sequences):
+                segment += 1
+                n = len(tokens)
+                end = offset + n
+                rows["tokens"][r, offset:end] = tokens
+                rows["targets"][r, offset:end - 1] = tokens[1:]
+                rows["loss_mask"][r, offset:end - 1] = mask[1:]
+                rows["segment_ids"][r, offset:end] = segment
+                rows["positions"][r, offset:end] = np.arange(n)
+                rows["task_ids"][r, offset:end] = task_ids[i]
+                rows["class_ids"][r, end - 1] = ex.label  # -1 for an LM example
+                if pairs:
+                    rows["pair_ids"][r, offset:end] = k if role == 0 else -k
+                    rows["margins"][r, offset] = ex.margin if role == 0 else 0.0
+                    rows["ref_logps"][r, offset] = 0.0 if ex.ref is None else ex.ref[role]
+                offset = end
     return rows
 
 
-def empty_rows(count: int, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+def empty_rows(count: int, seq_len: int, pad_id: int = 0, pairs: bool = False) -> dict[str, np.ndarray]:
     """All-padding rows [count, T] (nothing trained), to complete a final partial batch."""
-    return build_rows([], [], [[] for _ in range(count)], seq_len, pad_id)
+    return build_rows([], [], [[] for _ in range(count)], seq_len, pad_id, pairs)

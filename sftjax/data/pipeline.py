@@ -21,6 +21,10 @@ loss_mask) and its class, whose index sits in class_ids at the example's last to
 dataset's `labels` when given (a record outside them is an error), else the sorted set of its records' labels;
 `Prepared.labels` holds them per task (None for an LM task), in class-index order.
 
+Preference pairs: a dataset of `preference` records (formats.py) is tokenized by `data/preference.py`; each pair
+is one unit of packing (its two sequences in one row) and rows carry the pair keys of `packing.py`. The datasets
+of a run are all pairs or all not (`Prepared.pairs`): an objective trains on one or the other.
+
 Multi-host: every process computes the same global stream (so all agree on the number of batches and share one
 state) and keeps its own slice of each global batch of process_count * devices * per_device_batch rows. A final
 partial batch is completed with all-padding rows (nothing trained), so no example is skipped.
@@ -37,10 +41,11 @@ from typing import Any
 import numpy as np
 
 from sftjax.data.errors import DataError
-from sftjax.data.formats import Example, read_dataset
+from sftjax.data.formats import Example, Pair, read_dataset
 from sftjax.data.masking import Tokenized, tokenize_examples
 from sftjax.data.mixture import epoch_order
-from sftjax.data.packing import ROW_KEYS, build_rows, empty_rows, fit_length, pack_bins
+from sftjax.data.packing import build_rows, empty_rows, fit_length, pack_bins
+from sftjax.data.preference import fit_pair, tokenize_pairs
 from sftjax.data.tokenizer import Tokenizer
 
 _STATE_VERSION = 2  # 2: rows of a best-fit-decreasing window are shuffled
@@ -86,6 +91,7 @@ class DatasetStats:
     tokens: int = 0  # after truncation, kept examples
     trained_tokens: int = 0
     head_examples: int = 0  # kept examples with a class label (a head task: all of them)
+    dropped_identical: int = 0  # preference pairs whose chosen and rejected are the same tokens
 
 
 @dataclasses.dataclass(eq=False)
@@ -95,6 +101,17 @@ class Prepared:
     stats: list[DatasetStats]
     pad_id: int
     labels: tuple[tuple[str, ...] | None, ...] = ()  # per task: the classes of its head, or None (an LM task)
+    pairs: bool = False  # every dataset holds preference pairs (each example: a pair, `Tokenized.split` > 0)
+
+
+def _tokenize(spec: DatasetSpec, config: DataConfig, tokenizer: Tokenizer, examples: list, st: DatasetStats
+              ) -> list[Tokenized]:
+    """Tokenized examples (pairs: identical ones dropped and counted)."""
+    if examples and isinstance(examples[0], Pair):
+        tokenized = tokenize_pairs(examples, tokenizer, config.append_eos, config.template_kwargs)
+        st.dropped_identical = sum(t is None for t in tokenized)
+        return [t for t in tokenized if t is not None]
+    return tokenize_examples(examples, tokenizer, config.mask, config.append_eos, config.template_kwargs)
 
 
 def _classes(spec: DatasetSpec, name: str, examples: list[Example]) -> tuple[str, ...]:
@@ -126,13 +143,18 @@ def prepare(config: DataConfig, tokenizer: Tokenizer) -> Prepared:
     weights = [d.weight for d in config.datasets]
     if any(w is None for w in weights) and not all(w is None for w in weights):
         raise DataError("data.datasets[*].weight: give a weight for every dataset or for none")
-    datasets, stats, labels = [], [], []
+    datasets, stats, labels, kinds = [], [], [], []
     for spec in config.datasets:
         st = DatasetStats(spec.name or Path(spec.path).stem, spec.path)
         examples = read_dataset(spec.path, spec.format, spec.as_chat, spec.head)
         st.records = len(examples)
+        kinds.append(isinstance(examples[0], Pair))
+        if kinds[-1] != kinds[0]:
+            raise DataError(f"{spec.path}: {'preference pairs' if kinds[-1] else 'not preference pairs'}, unlike "
+                            f"{config.datasets[0].path}: the datasets of a run are all preference pairs (objective="
+                            "dpo or reward) or none")
         classes = _classes(spec, st.name, examples) if spec.head else None
-        tokenized = tokenize_examples(examples, tokenizer, config.mask, config.append_eos, config.template_kwargs)
+        tokenized = _tokenize(spec, config, tokenizer, examples, st)
         if classes is not None:
             index = {c: i for i, c in enumerate(classes)}
             tokenized = [dataclasses.replace(t, label=index[e.label]) for t, e in zip(tokenized, examples)]
@@ -141,7 +163,8 @@ def prepare(config: DataConfig, tokenizer: Tokenizer) -> Prepared:
             if ex.num_trained == 0 and ex.label < 0:
                 st.dropped_empty_mask += 1
                 continue
-            fitted = fit_length(ex, config.seq_len, config.over_long, tokenizer.bos_id)
+            fit = fit_pair if ex.split else fit_length
+            fitted = fit(ex, config.seq_len, config.over_long, tokenizer.bos_id)
             if fitted is None:
                 st.dropped_too_long += 1
                 continue
@@ -157,6 +180,10 @@ def prepare(config: DataConfig, tokenizer: Tokenizer) -> Prepared:
         if not kept and spec.head:
             raise DataError(f"{spec.path}: no example kept ({st.records} records, {st.dropped_too_long} over "
                             f"seq_len={config.seq_len})")
+        if not kept and kinds[-1]:
+            raise DataError(f"{spec.path}: no pair kept ({st.records} records: {st.dropped_identical} with chosen = "
+                            f"rejected, {st.dropped_too_long} over seq_len={config.seq_len}: prompt + chosen and "
+                            "prompt + rejected must fit one row)")
         if not kept:
             raise DataError(f"{spec.path}: no trainable token in the dataset ({st.records} records: "
                             f"{st.dropped_empty_mask} with an empty loss mask, {st.dropped_too_long} over "
@@ -166,7 +193,7 @@ def prepare(config: DataConfig, tokenizer: Tokenizer) -> Prepared:
         stats.append(st)
         labels.append(classes)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    return Prepared(config, datasets, stats, pad_id, tuple(labels))
+    return Prepared(config, datasets, stats, pad_id, tuple(labels), pairs=kinds[0])
 
 
 def fingerprint(prepared: Prepared) -> str:
@@ -177,6 +204,8 @@ def fingerprint(prepared: Prepared) -> str:
                 pack_window=cfg.pack_window, mask=cfg.mask, append_eos=cfg.append_eos, over_long=cfg.over_long)
     if any(c is not None for c in prepared.labels):  # only with heads: LM-only fingerprints stay as they were
         keys["labels"] = [None if c is None else list(c) for c in prepared.labels]
+    if prepared.pairs:
+        keys["pairs"] = True
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -238,7 +267,8 @@ class DataIterator:
             if self.cfg.packing == "bfd":
                 bins = [bins[i] for i in np.random.default_rng([self.cfg.seed, _ROW_TAG, epoch, position])
                         .permutation(len(bins))]
-            rows = build_rows(examples, picks[:, 0], bins, self.cfg.seq_len, self.prepared.pad_id)
+            rows = build_rows(examples, picks[:, 0], bins, self.cfg.seq_len, self.prepared.pad_id,
+                              self.prepared.pairs)
             self._rows_cache = (key, rows)
         return self._rows_cache[1]
 
@@ -266,8 +296,8 @@ class DataIterator:
         if not parts:
             raise StopIteration
         if needed:
-            parts.append(empty_rows(needed, self.cfg.seq_len, self.prepared.pad_id))
-        batch = {k: np.concatenate([p[k] for p in parts]) for k in ROW_KEYS}
+            parts.append(empty_rows(needed, self.cfg.seq_len, self.prepared.pad_id, self.prepared.pairs))
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         self.tokens_emitted += int((batch["segment_ids"] > 0).sum())
         self.slots_emitted += batch["segment_ids"].size
         mine = slice(self.process_index * per_process, (self.process_index + 1) * per_process)

@@ -10,10 +10,17 @@ and the `Objective` (a subclass of the class below) says
 
     references()        frozen models it needs besides the policy: {"teacher": path}; loaded by the trainer
                         (`train/references.py`), replicated once, never donated, never checkpointed, fingerprinted
+    policy_references() names of references that are the policy as it starts (DPO's reference policy): the trainer
+                        gives them the initial trainable tree without adapters (the whole model under full
+                        fine-tuning; under LoRA only the originals of modules trained beside the adapters, since
+                        the frozen base with the adapters off is the rest)
     bind(configs)       the objective given the loaded references' architectures ({"teacher": ModelConfig}):
                         where it checks that they fit the policy (same vocabulary)
     init(rng)           extra trainable parameters ({"heads": ...}; {} for SFT), saved with the adapters / weights
     prepare(batch)      host side, per batch: extra keys it needs (SFT: `label_index`); batch arrays [..., b, T]
+    totals(batch)       counts that depend on the batch only (pairs, chosen tokens), summed over the micro-batches
+                        and devices of a step before any sums: `sums` finds them in batch["totals"], for a term that
+                        is a mean over something other than the weight (ORPO's NLL per chosen token)
     sums(params, refs, batch, rng)
                         sums over one micro-batch [b, T]: always "loss" (a sum) and "weight" (what the loss is a
                         sum over: trained tokens, examples, pairs); anything else it wants to report
@@ -45,7 +52,7 @@ from sftjax.model.config import ModelConfig
 
 Params = dict[str, Any]
 Batch = dict[str, Any]
-_NOT_OBJECTIVES = ("base",)  # modules of this package that are not objectives
+_NOT_OBJECTIVES = ("base", "pairs")  # modules of this package that are not objectives
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +74,15 @@ class Objective:
     """Base class: no references, no extra parameters, no host preparation. Subclasses define sums and metrics."""
 
     name: str = "objective"
+    pairs: bool = False  # trains on preference pairs (data/preference.py) instead of text
 
     def references(self) -> dict[str, str]:
+        return {}
+
+    def policy_references(self) -> tuple[str, ...]:
+        return ()
+
+    def totals(self, batch: Batch) -> dict:
         return {}
 
     def bind(self, configs: dict[str, ModelConfig]) -> Objective:

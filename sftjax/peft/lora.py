@@ -197,6 +197,14 @@ def split(params: Params, spec: LoraSpec, adapters: Params) -> tuple[Params, Par
     return frozen, trainable
 
 
+def without_adapters(tree: Params) -> Params:
+    """The tree with every lora_a / lora_b left out: what the model computes with its adapters switched off (the
+    reference policy of DPO under LoRA; nothing is copied)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: without_adapters(v) for k, v in tree.items() if k not in ("lora_a", "lora_b")}
+
+
 def adapter_modules(params: Params) -> list[Module]:
     """The Dense modules of a (merged or adapter) tree that hold lora_a / lora_b."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]

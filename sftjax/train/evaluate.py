@@ -77,10 +77,14 @@ def on_one_device(objective: Objective, trainable: Any, data: Prepared, frozen: 
 
 
 def split_prompt(example: Tokenized) -> tuple[list[int], list[int]]:
-    """(prompt tokens, reference tokens): the reference is the trained part of the example."""
-    trained = np.flatnonzero(example.mask)
-    first = int(trained[0]) if len(trained) else len(example.tokens)
-    return example.tokens[:first].tolist(), example.tokens[first:].tolist()
+    """(prompt tokens, reference tokens): the reference is the trained part of the example (of a preference pair:
+    its chosen completion)."""
+    tokens, mask = example.tokens, example.mask
+    if example.split:
+        tokens, mask = tokens[:example.split], mask[:example.split]
+    trained = np.flatnonzero(mask)
+    first = int(trained[0]) if len(trained) else len(tokens)
+    return tokens[:first].tolist(), tokens[first:].tolist()
 
 
 def _text(tokenizer: Tokenizer, ids: list[int]) -> str:

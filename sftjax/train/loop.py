@@ -29,9 +29,8 @@ from sftjax.train import evaluate
 from sftjax.train.checkpoint import Checkpointer, check_base, check_references
 from sftjax.train.metrics import MetricsWriter, Progress
 from sftjax.train.optim import make_optimizer, schedule
-from sftjax.train.references import load_references
-from sftjax.train.setup import (build_data, build_model, build_objective, build_tokenizer, describe_model,
-                                run_trainable, with_labels)
+from sftjax.train.setup import (build_data, build_model, build_objective, build_references, build_tokenizer,
+                                check_data, describe_model, run_trainable, with_labels)
 from sftjax.train.state import device_mesh, init_state, merge_params, replicate, unreplicate
 from sftjax.train.step import compile_steps
 
@@ -93,9 +92,9 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     tokenizer = build_tokenizer(cfg, model_cfg)
     train_data, eval_data = build_data(cfg, tokenizer, devices)
     objective = build_objective(cfg, model_cfg, train_data.labels)
-    references = load_references(objective.references(), cfg.model, tokenizer)
-    objective = objective.bind({name: r.cfg for name, r in references.items()})
-    reference_fingerprints = {name: r.fingerprint for name, r in references.items()}
+    check_data(objective, train_data)
+    objective, refs, reference_fingerprints, (train_data, eval_data) = build_references(
+        cfg, model, objective, tokenizer, [train_data, eval_data])
     trainable = run_trainable(model, objective, t.seed)
     optimizer = make_optimizer(o, t.max_steps)
     lr_schedule = schedule(o, t.max_steps)
@@ -123,8 +122,8 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     start = start or 0
     state = replicate(state, mesh)
     frozen_r = replicate(frozen, mesh)
-    refs_r = replicate({name: r.params for name, r in references.items()}, mesh)
-    del references  # the replicated copies are the ones the steps read
+    refs_r = replicate(refs, mesh)
+    del refs  # the replicated copies are the ones the steps read
     iterator = DataIterator(train_data, devices=devices, process_index=jax.process_index(),
                             process_count=jax.process_count(), state=data_state)
     metrics_writer = MetricsWriter(run_dir, resume_step=start)  # drops lines a killed run wrote after `start`

@@ -115,3 +115,48 @@ def load_references(paths: dict[str, str], policy: ModelSection, tokenizer: Toke
         if tokenizer is not None:
             check_tokenizer(f"objective.{name}", path, tokenizer)
     return {name: load_reference(f"objective.{name}", path, policy) for name, path in paths.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The policy as it starts (DPO's reference) and reference log-probabilities computed before training
+
+
+def policy_reference(trainable: Params) -> Params:
+    """What a reference equal to the starting policy needs besides the frozen base: the initial trainable tree
+    without adapters and objective heads. Full fine-tuning: the whole model (a frozen copy); LoRA / QLoRA: only the
+    modules trained beside the adapters (often nothing), since the frozen base with the adapters off is the rest."""
+    from sftjax.peft.lora import without_adapters
+
+    return without_adapters({k: v for k, v in trainable.items() if k != "heads"})
+
+
+def precompute_logps(objective, params: Params, refs: dict[str, Params], prepared, rows: int = 8):
+    """`prepared` with every pair's reference log-probabilities (chosen, rejected) set (`Tokenized.ref`), computed
+    on the first local device in one pass: pairs packed best-fit into micro-batches of `rows` rows.
+
+    objective: a DPO objective (`reference_params`, `reference_logps`); params: the policy's tree as it starts
+    (frozen + trainable); refs: its references. Deterministic: the same data and weights give the same values, so
+    a resumed run recomputes exactly what the first start used.
+    """
+    import jax
+    import numpy as np
+
+    from sftjax.data.packing import build_rows, pack_bins
+
+    fn = jax.jit(lambda params, refs, batch: objective.reference_logps(objective.reference_params(params, refs),
+                                                                       batch))
+    seq_len = prepared.config.seq_len
+    datasets = []
+    for examples in prepared.datasets:
+        values = np.zeros((len(examples), 2), np.float32)
+        bins = pack_bins([len(e.tokens) for e in examples], seq_len, "bfd")
+        for start in range(0, len(bins), rows):
+            chunk = bins[start:start + rows]
+            chunk = chunk + [[] for _ in range(rows - len(chunk))]
+            batch = build_rows(examples, [0] * len(examples), chunk, seq_len, prepared.pad_id, pairs=True)
+            batch = objective.prepare({k: v[None] for k, v in batch.items()})
+            logps = np.asarray(fn(params, refs, {k: v[0] for k, v in batch.items()}))  # [2P]
+            order = [i for members in chunk for i in members]  # slot p <-> the p-th pair in row-major order
+            values[order] = logps[:2 * len(order)].reshape(-1, 2)
+        datasets.append([dataclasses.replace(e, ref=(float(c), float(r))) for e, (c, r) in zip(examples, values)])
+    return dataclasses.replace(prepared, datasets=datasets)

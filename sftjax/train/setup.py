@@ -183,6 +183,39 @@ def build_objective(cfg: TrainConfig, model_cfg: ModelConfig,
     return objectives.build(cfg.objective, objectives.Context(model_cfg, task_names(cfg), labels))
 
 
+def check_data(objective: objectives.Objective, data: Prepared) -> None:
+    """Refuse preference pairs given to an objective that trains on text, and text given to one of pairs."""
+    path = data.stats[0].path
+    if objective.pairs and not data.pairs:
+        raise ConfigError(f"data.train[0]={path!r}: objective={objective.name} trains on preference pairs ('prompt', "
+                          "'chosen', 'rejected' records); this dataset holds none")
+    if data.pairs and not objective.pairs:
+        raise ConfigError(f"data.train[0]={path!r}: preference pairs ('chosen' / 'rejected') given to objective="
+                          f"{objective.name}: train them with objective=dpo or objective=reward")
+
+
+def build_references(cfg: TrainConfig, model: Model, objective: objectives.Objective, tokenizer: Tokenizer,
+                     splits: list[Prepared | None]):
+    """(objective bound to its references, {name: params} for the step, {name: fingerprint}, splits).
+
+    References named by path are loaded (checked to share the tokenizer); those equal to the starting policy
+    (`policy_references`) are the model's initial trainable tree without adapters. An objective that precomputes
+    its reference (DPO, precompute_reference=true) gets each split's pairs scored once here and no reference
+    weights in the step. A reference's fingerprint is checked on resume; the starting policy's is the base's.
+    """
+    from sftjax.train.references import load_references, policy_reference, precompute_logps
+
+    references = load_references(objective.references(), cfg.model, tokenizer)
+    objective = objective.bind({name: r.cfg for name, r in references.items()})
+    refs = {name: r.params for name, r in references.items()}
+    refs.update({name: policy_reference(model.trainable) for name in objective.policy_references()})
+    if getattr(objective, "precomputes_reference", False):
+        start = merge_params(model.frozen, model.trainable)
+        splits = [None if s is None else precompute_logps(objective, start, refs, s) for s in splits]
+        refs = {}
+    return objective, refs, {name: r.fingerprint for name, r in references.items()}, splits
+
+
 def with_labels(config: dict, labels: tuple[tuple[str, ...] | None, ...]) -> dict:
     """The resolved config with each head task marked (data.train[i].head) and the classes it collected written
     into data.train[i].labels, so that its config.json alone rebuilds the heads (sftjax-eval, sftjax-export, a

@@ -15,6 +15,9 @@ the last saved checkpoint stays the last good one.
 Three trees go in: the train `state` (donated), the `frozen` base and the objective's `refs` (frozen models
 besides the policy: a teacher, a reference), both replicated once and never donated.
 
+An objective's `totals` (counts that depend on the batch only) are summed over micro-batches and devices first
+and handed to every micro-batch as batch["totals"], for a term normalised by another count than the weight.
+
 Randomness: the dropout key of micro-batch i on device d at step s is fold_in(fold_in(fold_in(rng, s), d), i).
 """
 
@@ -59,6 +62,9 @@ def train_step(state: PyTree, frozen: PyTree, refs: PyTree, batch: dict[str, jax
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
     micro_batches = batch["tokens"].shape[0]  # A
+    totals = jax.lax.psum(jax.tree.map(lambda x: x.sum(0), jax.vmap(objective.totals)(batch)), AXIS)
+    if totals:
+        batch = {**batch, "totals": jax.tree.map(lambda x: jnp.broadcast_to(x, (micro_batches, *x.shape)), totals)}
     sums_shape = jax.eval_shape(lambda: loss_fn(trainable, jax.tree.map(lambda x: x[0], batch), None)[1])
     init = (_zeros_like(trainable), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
     (grads, sums), _ = jax.lax.scan(accumulate, init, (jnp.arange(micro_batches), batch))
@@ -90,6 +96,9 @@ def train_step(state: PyTree, frozen: PyTree, refs: PyTree, batch: dict[str, jax
 def eval_sums(trainable: PyTree, frozen: PyTree, refs: PyTree, batch: dict[str, jax.Array], *,
               objective: Objective) -> dict[str, jax.Array]:
     """The objective's sums over one eval batch [b, T] per device (no dropout), psum-reduced."""
+    totals = jax.lax.psum(objective.totals(batch), AXIS)
+    if totals:
+        batch = {**batch, "totals": totals}
     return jax.lax.psum(objective.sums(merge_params(frozen, trainable), refs, batch, None), AXIS)
 
 

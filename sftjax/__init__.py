@@ -20,6 +20,8 @@ Task heads and objectives (what `sftjax-train objective=heads | distill` trains;
     cfg, params, kernel, classes = sftjax.load_classifier("clf/")    # `sftjax-export --head TASK` output
     logits = sftjax.classify(cfg, params, kernel, tokens, segment_ids)  # [B, C] from each row's last token
     loss = sftjax.divergence(student_logits, teacher_logits, "jsd", beta=0.5)  # per position, as TRL's GKD
+    rm = sftjax.load_reward_model("reward_model/")                   # `objective=reward`, exported or its run
+    rewards = rm.score(["2+2="], [" 4"])                             # float32 [N], read at each sequence's end
 """
 
 import importlib
@@ -43,6 +45,8 @@ _EXPORTS = {
     "load_classifier": ("sftjax.model.classifier", "load_classifier"),
     "load_heads": ("sftjax.model.classifier", "load_heads"),
     "save_classifier": ("sftjax.model.classifier", "save_classifier"),
+    "load_reward_model": ("sftjax.model.reward_model", "load_reward_model"),
+    "RewardModel": ("sftjax.model.reward_model", "RewardModel"),
     "Objective": ("sftjax.objectives.base", "Objective"),
     "divergence": ("sftjax.objectives.distill", "divergence"),
     "LoraSpec": ("sftjax.peft.lora", "LoraSpec"),

@@ -7,7 +7,9 @@ It reads the same Hydra configuration as `sftjax-train` (conf/, the same overrid
 reports is what training will get: per task, records, kept, dropped (empty loss mask / over seq_len), truncated,
 tokens and trained tokens (mean and max lengths); packing efficiency over one epoch; N rendered examples with the
 trained tokens marked as [[...]] (a head task's examples with their label and class index, and its classes with
-the examples of each in the split); the same for the eval split when there is one. `--json` prints one JSON object.
+the examples of each in the split; a preference pair's chosen and rejected sequences, each with its trained
+completion marked, and the pairs dropped because chosen = rejected or because they do not fit a row); the same for
+the eval split when there is one. `--json` prints one JSON object.
 Bad input prints one line and exits with 2.
 """
 
@@ -62,6 +64,12 @@ def render_marked(tok: Tokenizer, ex: Tokenized) -> str:
     return "".join(out)
 
 
+def _part(ex: Tokenized, side: int) -> Tokenized:
+    """The chosen (0) or rejected (1) sequence of a preference pair."""
+    cut = slice(0, ex.split) if side == 0 else slice(ex.split, None)
+    return dataclasses.replace(ex, tokens=ex.tokens[cut], mask=ex.mask[cut], split=0)
+
+
 def split_report(prepared: Prepared, tok: Tokenizer, show: int) -> dict:
     """Counts, lengths, rendered examples and packing over one epoch of a split."""
     one_epoch = dataclasses.replace(prepared.config, num_epochs=1)  # training streams without end
@@ -71,7 +79,9 @@ def split_report(prepared: Prepared, tok: Tokenizer, show: int) -> dict:
     labels = prepared.labels or (None,) * len(prepared.datasets)
     for task_id, (st, examples, classes) in enumerate(zip(prepared.stats, prepared.datasets, labels)):
         lengths = np.array([len(e.tokens) for e in examples])
-        shown = [{"where": e.where, "text": render_marked(tok, e)} for e in examples[:show]]
+        shown = [{"where": e.where, "text": render_marked(tok, e)} if not e.split else
+                 {"where": e.where, "chosen": render_marked(tok, _part(e, 0)),
+                  "rejected": render_marked(tok, _part(e, 1))} for e in examples[:show]]
         head = {}
         if classes is not None:
             counts = np.bincount(np.array([e.label for e in examples], np.int64), minlength=len(classes))
@@ -81,7 +91,7 @@ def split_report(prepared: Prepared, tok: Tokenizer, show: int) -> dict:
         tasks.append({"task_id": task_id, **dataclasses.asdict(st), "used": len(examples),
                       "mean_tokens": round(float(lengths.mean()), 1), "max_tokens": int(lengths.max()), **head,
                       "examples": shown})
-    return {"tasks": tasks, "seq_len": prepared.config.seq_len, "rows_per_epoch": rows,
+    return {"tasks": tasks, "seq_len": prepared.config.seq_len, "rows_per_epoch": rows, "pairs": prepared.pairs,
             "packing_efficiency": round(it.efficiency, 4)}
 
 
@@ -100,16 +110,25 @@ def print_text(result: dict) -> None:
     for split, r in result.items():
         print(f"== {split}")
         for t in r["tasks"]:
-            print(f"task {t['task_id']} {t['name']} ({t['path']}): {t['records']} records, {t['kept']} kept, "
-                  f"dropped {t['dropped_empty_mask']} empty-mask + {t['dropped_too_long']} too long, "
-                  f"{t['truncated']} truncated; {t['used']} in this split")
+            if r.get("pairs"):
+                print(f"task {t['task_id']} {t['name']} ({t['path']}): {t['records']} preference pairs, {t['kept']} "
+                      f"kept, dropped {t['dropped_identical']} with chosen = rejected + {t['dropped_too_long']} not "
+                      f"fitting a row of {r['seq_len']} (prompt + chosen and prompt + rejected), {t['truncated']} "
+                      f"truncated; {t['used']} in this split")
+            else:
+                print(f"task {t['task_id']} {t['name']} ({t['path']}): {t['records']} records, {t['kept']} kept, "
+                      f"dropped {t['dropped_empty_mask']} empty-mask + {t['dropped_too_long']} too long, "
+                      f"{t['truncated']} truncated; {t['used']} in this split")
             print(f"  tokens {t['tokens']} (trained {t['trained_tokens']}), per example mean {t['mean_tokens']} "
                   f"max {t['max_tokens']}")
             if "classes" in t:
                 classes = ", ".join(f"{i} {c!r} ({n})" for i, (c, n) in enumerate(t["classes"].items()))
                 print(f"  head: {len(t['classes'])} classes, examples in this split: {classes}")
             for ex in t["examples"]:
-                if "label" in ex:
+                if "chosen" in ex:
+                    print(f"  --- {ex['where']} (a pair; trained tokens in {TRAINED_OPEN} {TRAINED_CLOSE})\n"
+                          f"  chosen:\n{ex['chosen']}\n  rejected:\n{ex['rejected']}")
+                elif "label" in ex:
                     print(f"  --- {ex['where']} (head example: label {ex['label']!r}, class {ex['class_id']}, "
                           f"read at the last token)\n{ex['text']}")
                 else:

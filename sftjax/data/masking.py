@@ -71,7 +71,10 @@ class Tokenized:
 
     @property
     def num_trained(self) -> int:
-        """Trained targets; token 0 has nothing before it, so it is never a target."""
+        """Trained targets; the first token of a sequence has nothing before it, so it is never a target (a pair:
+        of each of its two sequences)."""
+        if self.split:
+            return int(self.mask[1:self.split].sum() + self.mask[self.split + 1:].sum())
         return int(self.mask[1:].sum())
 
 

@@ -23,8 +23,8 @@ A pair whose chosen and rejected token sequences are identical teaches nothing: 
 
 Fitting a pair into a row of T tokens (both sequences must fit: 2P + C + R <= T), policy `truncate`: prompt tokens
 are cut from the left of both copies (keeping BOS and at least one prompt token), then, only if still too long,
-completion tokens from the end of the longer completion, one at a time. A pair left with an empty completion is
-dropped (counted). `drop` drops an over-long pair, `error` stops at it.
+completion tokens from the end of the longer completion, one at a time. A pair left with an empty completion, or
+with two completions cut to the same tokens, is dropped (counted). `drop` drops an over-long pair, `error` stops at it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import numpy as np
 from sftjax.data.errors import DataError
 from sftjax.data.formats import Pair
 from sftjax.data.masking import Tokenized
+from sftjax.data.packing import OVER_LONG
 from sftjax.data.tokenizer import Tokenizer
 
 
@@ -48,52 +49,60 @@ def _render(tok: Tokenizer, messages, where: str, kwargs: dict, add_generation_p
         raise DataError(f"{where}: chat template failed to render: {message}") from None
 
 
-def pair_texts(tok: Tokenizer, pair: Pair, template_kwargs: dict | None = None) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) texts of a pair: as given, or cut out of the chat template's renders."""
-    if not pair.is_chat:
-        return pair.prompt, pair.chosen, pair.rejected
+def completion_text(tok: Tokenizer, prompt, completion, where: str, template_kwargs: dict | None = None,
+                    key: str = "completion") -> tuple[str, str]:
+    """(prompt text, completion text) of one sequence: as given (text), or cut out of the chat template's renders
+    of the prompt messages (with the generation prompt) and of prompt + completion messages."""
+    if isinstance(prompt, str):
+        return prompt, completion
     kw = template_kwargs or {}
-    prompt = _render(tok, pair.prompt, pair.where, kw, add_generation_prompt=True)
+    head = _render(tok, prompt, where, kw, add_generation_prompt=True)
+    full = _render(tok, tuple(prompt) + tuple(completion), where, kw, add_generation_prompt=False)
+    if not full.startswith(head):
+        raise DataError(f"{where}: the chat template renders the prompt differently once the {key} answer follows, "
+                        "so the answer cannot be cut out of the render")
+    return head, full[len(head):]
+
+
+def encode_sequences(tok: Tokenizer, texts: Sequence[tuple[str, str]], chat: Sequence[bool],
+                     append_eos: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(prompt ids, completion ids) of (prompt text, completion text) pairs, encoded apart (batched): a text prompt
+    with the tokenizer's special tokens (its BOS), a rendered one as it is; completions without, EOS appended
+    unless already there (chat: only where the completion holds no control token)."""
+    eos = tok.eos_id
+    if append_eos and eos is None:
+        raise DataError(f"{tok.source}: append_eos needs an eos_token in tokenizer_config.json (or append_eos=false)")
+    prompts: list = [None] * len(texts)
+    for is_chat in (True, False):  # a text prompt gets the post-processor's BOS; a render carries its own
+        index = [i for i, c in enumerate(chat) if c == is_chat]
+        for i, enc in zip(index, tok.encode_batch([texts[i][0] for i in index], add_special_tokens=not is_chat)):
+            prompts[i] = np.asarray(enc.ids, np.int32)
+    special = np.fromiter(tok.special_ids, np.int64)
     out = []
-    for key in ("chosen", "rejected"):
-        full = _render(tok, pair.prompt + getattr(pair, key), pair.where, kw, add_generation_prompt=False)
-        if not full.startswith(prompt):
-            raise DataError(f"{pair.where}: the chat template renders the prompt differently once the {key} answer "
-                            "follows, so the answer cannot be cut out of the render")
-        out.append(full[len(prompt):])
-    return prompt, out[0], out[1]
+    for i, enc in enumerate(tok.encode_batch([c for _, c in texts], add_special_tokens=False)):
+        ids = np.asarray(enc.ids, np.int32)
+        needs_eos = append_eos and (not chat[i] or not np.isin(ids, special).any())
+        if needs_eos and not (len(ids) and ids[-1] == eos):
+            ids = np.append(ids, np.int32(eos))
+        out.append((prompts[i], ids))
+    return out
 
 
 def tokenize_pairs(pairs: Sequence[Pair], tok: Tokenizer, append_eos: bool = True,
                    template_kwargs: dict | None = None) -> list[Tokenized | None]:
     """Every pair as one Tokenized (see the module docstring), in order; None for a pair whose two sequences are the
     same tokens (dropped by the caller, counted)."""
-    eos = tok.eos_id
-    if append_eos and eos is None:
-        raise DataError(f"{tok.source}: append_eos needs an eos_token in tokenizer_config.json (or append_eos=false)")
-    texts = [pair_texts(tok, p, template_kwargs) for p in pairs]
-    chat = [p.is_chat for p in pairs]
-    prompts = [None] * len(pairs)
-    for is_chat in (True, False):  # a text prompt gets the post-processor's BOS; a render carries its own
-        index = [i for i, c in enumerate(chat) if c == is_chat]
-        encoded = tok.encode_batch([texts[i][0] for i in index], add_special_tokens=not is_chat)
-        for i, enc in zip(index, encoded):
-            prompts[i] = np.asarray(enc.ids, np.int32)
-    completions = tok.encode_batch([t for _, c, r in texts for t in (c, r)], add_special_tokens=False)
-    special = np.fromiter(tok.special_ids, np.int64)
+    texts, chat = [], []
+    for p in pairs:
+        for key in ("chosen", "rejected"):
+            texts.append(completion_text(tok, p.prompt, getattr(p, key), p.where, template_kwargs, key))
+            chat.append(p.is_chat)
+    encoded = encode_sequences(tok, texts, chat, append_eos)
     out: list[Tokenized | None] = []
     for i, pair in enumerate(pairs):
-        seqs = []
-        for enc in completions[2 * i:2 * i + 2]:
-            ids = np.asarray(enc.ids, np.int32)
-            needs_eos = append_eos and (not chat[i] or not np.isin(ids, special).any())
-            if needs_eos and not (len(ids) and ids[-1] == eos):
-                ids = np.append(ids, np.int32(eos))
-            seqs.append(ids)
-        if np.array_equal(seqs[0], seqs[1]):
-            out.append(None)
-            continue
-        out.append(pair_tokens(prompts[i], seqs[0], seqs[1], pair.where, pair.margin))
+        (prompt, chosen), (_, rejected) = encoded[2 * i], encoded[2 * i + 1]
+        same = np.array_equal(chosen, rejected)
+        out.append(None if same else pair_tokens(prompt, chosen, rejected, pair.where, pair.margin))
     return out
 
 
@@ -116,6 +125,8 @@ def parts(ex: Tokenized) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def fit_pair(ex: Tokenized, seq_len: int, policy: str, bos_id: int | None) -> Tokenized | None:
     """The over-long policy on a pair (see the module docstring): ex if it fits, truncated, None, or DataError."""
+    if policy not in OVER_LONG:
+        raise DataError(f"over_long={policy!r}: expected one of {', '.join(OVER_LONG)}")
     length = len(ex.tokens)
     if length <= seq_len:
         return ex
@@ -137,6 +148,6 @@ def fit_pair(ex: Tokenized, seq_len: int, policy: str, bos_id: int | None) -> To
         cut_r = min(excess - cut_c, max(R - C, 0))
         rest = excess - cut_c - cut_r
         C, R = C - cut_c - (rest + 1) // 2, R - cut_r - rest // 2
-        if C < 1 or R < 1:
+        if C < 1 or R < 1 or np.array_equal(chosen[:C], rejected[:R]):  # nothing left to prefer
             return None
     return pair_tokens(prompt, chosen[:C], rejected[:R], ex.where, ex.margin)

@@ -8,6 +8,11 @@ built-in parts on, independently:
                               on the test splits) once training ends
 so `sftjax-train model=path/to/hf_dir` fine-tunes your model on the built-in tasks and reports, and
 `sftjax-train data=mine.jsonl` fine-tunes the built-in base on your data.
+
+With an objective that trains on preference pairs (objective=dpo | reward) the built-in tasks are their preference
+versions (`data/builtin/preference.py`: the right answer chosen, a plausible wrong one rejected; the same splits).
+A DPO run reports as an SFT run does (exact match on the test splits before and after: e.g. an SFT model given as
+model.path, then the same after DPO); a reward run has no generation to report and ends with its evaluation.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from sftjax.config import BuiltinSection, DatasetSection, TrainConfig, check
+from sftjax.data.builtin.preference import build_preference_tasks
 from sftjax.data.builtin.tasks import TASK_NAMES, TaskFiles
 from sftjax.job import report as report_lib
 from sftjax.job.base import Builtin, ensure_builtin
+from sftjax.objectives import base as objectives
 from sftjax.peft.lora import count
 from sftjax.peft.quant import tree_bytes
 from sftjax.train.loop import run_training
@@ -63,6 +70,20 @@ def task_datasets(b: BuiltinSection, tasks: dict[str, TaskFiles]) -> list[Datase
                            prompt_noise=getattr(b.prompt_noise, n), head=n in b.heads) for n, t in tasks.items()]
 
 
+def pair_tasks(built: Builtin) -> dict[str, TaskFiles]:
+    """The preference versions of the built-in tasks (written once beside them), as TaskFiles of pair files."""
+    task_dir = next(iter(built.tasks.values())).train_path.parent
+    out_dir = task_dir.parent / f"{task_dir.name}-pairs-v1"
+    if not (out_dir / "preference.json").is_file():
+        build_preference_tasks(task_dir, out_dir, tasks=TASK_NAMES)
+    counts = json.loads((out_dir / "preference.json").read_text())["tasks"]
+    return {n: dataclasses.replace(t, train_path=out_dir / f"{n}_pairs_train.jsonl",
+                                   valid_path=out_dir / f"{n}_pairs_valid.jsonl",
+                                   test_path=out_dir / f"{n}_pairs_test.jsonl",
+                                   **{f"n_{s}": counts[n][s]["n_pairs"] for s in ("train", "valid", "test")})
+            for n, t in built.tasks.items()}
+
+
 def baseline_cache(cfg: TrainConfig, built: Builtin) -> Path:
     """Where the built-in base's scores for these evaluation settings are kept (the base as this method holds it:
     quantized under qlora), so that every run of a sweep scores the same base once."""
@@ -91,17 +112,21 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
     own_base = cfg.model.path == "builtin"
     if own_base:
         cfg.model = dataclasses.replace(cfg.model, path=str(built.base_dir))
+    pairs = getattr(objectives.module(cfg.objective.get("name", "sft")), "PAIRS", False)
     if tasks:
         built.tasks = {name: built.tasks[name] for name in cfg.builtin.tasks}  # in that order
-        cfg.data = dataclasses.replace(cfg.data, train=task_datasets(cfg.builtin, built.tasks),
+        files = {n: t for n, t in built.tasks.items()}
+        if pairs:
+            files = pair_tasks(built)
+        cfg.data = dataclasses.replace(cfg.data, train=task_datasets(cfg.builtin, files),
                                        eval=[DatasetSection(path=str(t.valid_path), name=n)
-                                             for n, t in built.tasks.items()], eval_fraction=0.0)
+                                             for n, t in files.items()], eval_fraction=0.0)
     if resolved is not None:  # the config.json of the run names what was actually used
         resolved = {**resolved, "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
                     "objective": cfg.objective}
     result = run_training(cfg, resolved)
     trained_at = time.perf_counter()
-    if not tasks:
+    if not tasks or cfg.objective.get("name") == "reward":
         return result
 
     run_dir = Path(cfg.trainer.run_dir)

@@ -29,8 +29,9 @@ copy of the initial weights. `objective.reference=DIR` names another model (an H
 
 Metrics, as TRL logs them: rewards/chosen = beta (log pi - log pi_ref)(y_c) (simpo, orpo: beta lp(y_c)),
 rewards/rejected, rewards/accuracies (chosen reward > rejected), rewards/margins, logps/chosen, logps/rejected (per
-pair means), plus nll and accuracy (greedy next-token) on the chosen completions, pairs, and per task
-<task>/loss and <task>/accuracies.
+pair means), plus logps/accuracies (the policy alone ranks the pair right: log pi(y_c|x) > log pi(y_r|x); a model's
+pairwise accuracy without a reference), nll and accuracy (greedy next-token) on the chosen completions, pairs, and
+per task <task>/loss and <task>/accuracies.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from sftjax.peft.lora import without_adapters
 from sftjax.train.state import merge_params
 
 NAME = "dpo"
+PAIRS = True  # trains on preference pairs (the main job then uses the built-in tasks' preference versions)
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -219,6 +221,7 @@ class DPO(Objective):
                 "rewards_chosen": jnp.sum(reward_c * present), "rewards_rejected": jnp.sum(reward_r * present),
                 "rewards_correct": jnp.sum(won * present), "logps_chosen": jnp.sum(logp_c * present),
                 "logps_rejected": jnp.sum(logp_r * present), "nll_chosen": nll_chosen,
+                "logps_correct": jnp.sum((logp_c > logp_r) * present),
                 "chosen_tokens": is_chosen.sum(), "chosen_correct": jnp.sum(correct * is_chosen),
                 "task_loss": by_task(loss), "task_pairs": by_task(jnp.ones_like(loss)), "task_correct": by_task(won)}
 
@@ -233,6 +236,7 @@ class DPO(Objective):
                "rewards/margins": ratio(sums["rewards_chosen"] - sums["rewards_rejected"], pairs),
                "logps/chosen": ratio(sums["logps_chosen"], pairs),
                "logps/rejected": ratio(sums["logps_rejected"], pairs),
+               "logps/accuracies": ratio(sums["logps_correct"], pairs),
                "nll": nll, "accuracy": ratio(sums["chosen_correct"], sums["chosen_tokens"]), "pairs": pairs}
         if self.settings.loss_type == "orpo":  # TRL's names: log_odds_ratio is the mean log sigmoid(log odds)
             out["log_odds_ratio"] = ratio(sums["log_odds_ratio"], pairs)

@@ -34,6 +34,7 @@ from sftjax.objectives.base import Batch, Context, Objective, Params, per_task, 
 from sftjax.objectives.pairs import chosen_rejected, per_sequence, with_sequences
 
 NAME = "reward"
+PAIRS = True  # trains on preference pairs (the main job then uses the built-in tasks' preference versions)
 HEAD = "reward"  # the head's name under trainable["heads"]
 INIT_STD = 0.02  # transformers' initializer_range for a new `score` layer
 

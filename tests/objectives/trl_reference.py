@@ -3,7 +3,7 @@ tests of the JAX objectives.
 
 Every function takes already-tokenized pairs, so tokenization is out of the comparison:
 
-    pair = {"prompt_ids": [int, ...], "chosen_ids": [int, ...], "rejected_ids": [int, ...]}   (+ "margin": float, reward)
+    pair = {"prompt_ids": [int, ...], "chosen_ids": [int, ...], "rejected_ids": [int, ...]}  (+ "margin": float)
 
 and computes ONE batch holding all the pairs (chosen rows first, then rejected rows, right-padded), in float32 on the
 CPU, with dropout off, then runs backward once. What is computed, and by which TRL (1.16) code path:
@@ -298,7 +298,8 @@ def simpo(model_dir, pairs: list[Pair], *, beta: float = 0.1, simpo_gamma: float
 
     Returns {"loss", "grads", "params", "metrics" (rewards/chosen, rewards/rejected, rewards/accuracies,
     rewards/margins, logps/chosen, logps/rejected, logits/chosen, logits/rejected, nll_loss, as returned by
-    get_batch_loss_metrics), "chosen_logps", "rejected_logps" (per-token AVERAGE log-probs [N]), "batch", "pad_token_id"}.
+    get_batch_loss_metrics), "chosen_logps", "rejected_logps" (per-token AVERAGE log-probs [N]), "batch",
+    "pad_token_id"}.
     """
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 

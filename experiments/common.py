@@ -47,14 +47,15 @@ def run_dir_of(*overrides: str) -> Path:
     return RUNS / run_key(RECIPE + overrides)
 
 
-def train(results: Path, name: str, *overrides: str) -> Path:
-    """Run `sftjax-train <RECIPE> <overrides>` (the main job plus overrides) unless the same run finished before,
+def train(results: Path, name: str, *overrides: str, done: str = "report.json") -> Path:
+    """Run `sftjax-train <RECIPE> <overrides>` (the main job plus overrides) unless the same run finished before
+    (its `done` file: the report, or final_metrics.json for a run that writes no report, e.g. a reward model),
     copy its files into results/<name>/ and return that folder (offline: just return it)."""
     if OFFLINE:
-        return _existing(results / name)
+        return _existing(results / name, done)
     run_dir = run_dir_of(*overrides)
     overrides = RECIPE + overrides
-    if (run_dir / "report.json").is_file():
+    if (run_dir / done).is_file():
         print(f"[reuse] {run_dir.name}: {' '.join(overrides) or '(main job defaults)'}", flush=True)
     else:
         if run_dir.exists():
@@ -87,9 +88,9 @@ def sweep(results: Path, name: str, *args: str) -> list[Path]:
     return [_existing(j) for j in jobs] if jobs else [_existing(results / f"{name}_0")]
 
 
-def _existing(folder: Path) -> Path:
-    if not (folder / "report.json").is_file():
-        raise SystemExit(f"{folder}: no report.json (run the experiment without --from-results / --check first)")
+def _existing(folder: Path, done: str = "report.json") -> Path:
+    if not (folder / done).is_file():
+        raise SystemExit(f"{folder}: no {done} (run the experiment without --from-results / --check first)")
     return folder
 
 

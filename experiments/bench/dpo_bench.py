@@ -6,7 +6,8 @@
     python experiments/bench/dpo_bench.py --rss               # + each stack alone in its own process: peak RSS
 
 What is compared, per mode (full: the reference is a frozen copy of the starting weights; lora: r 16, alpha 32,
-dropout 0 on q,k,v,o,gate,up,down, the reference is the base with the adapters off), one process, three steps:
+dropout 0 on q,k,v,o,gate,up,down, the reference is the base with the adapters off), in one fresh process per
+mode, three steps:
 
     packed   sftjax, the trainer's own step: `objectives.base.build({"name": "dpo", ...})`, `compile_steps`,
              state from `init_state` / `replicate`, the reference tree from `references.policy_reference`; each
@@ -41,7 +42,7 @@ host work a data loader overlaps or that takes milliseconds against seconds here
     padding          share of the token slots a step computes that are padding (packed: R x 512; padded:
                      pairs x longest pair; trl: 2 pairs x the batch's longest sequence, summed over steps)
 
-Memory, what each can say honestly in one process:
+Memory, what each can say honestly in that process:
     sftjax   held trees: train state (trainable + AdamW moments), frozen tree (lora: the base), reference tree
              (full: a copy of the weights; lora: nothing, the base with adapters off is the reference); plus XLA's
              temp buffers of the compiled step (`memory_analysis().temp_size_in_bytes`: activations, gradients,
@@ -49,10 +50,11 @@ Memory, what each can say honestly in one process:
     trl      tensors: policy parameters (trainable and frozen), reference model parameters, gradients (the size of
              the trainable ones, held from backward to the optimizer step), optimizer state; torch on CPU keeps no
              allocator statistics, so its activation peak is not in these
-    process  ru_maxrss of the shared process (all stacks and modes so far): not a per-stack figure. With --rss
+    process  ru_maxrss of the mode's process (all three steps together): not a per-step figure. With --rss
              each (step, mode) also runs alone in a fresh process (1 warm-up turn + 1 turn) that reports its peak
              RSS (ru_maxrss) and RSS after imports, as bench.py's memory section (sftjax with the huge-page malloc
-             tunable of its entry points, TRL with glibc's defaults)
+             tunable of its entry points, TRL with glibc's defaults). Processes are started from a parent that
+             holds no model: Linux carries ru_maxrss over fork and exec
 
 Caveats: TRL pads each batch to its own longest sequence (a batch of short pairs costs less), while the sftjax
 steps have fixed shapes: packed rows are R x 512 whatever the step's pairs fill, padded rows the longest pair of
@@ -386,37 +388,45 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def solo(args: argparse.Namespace, s: dict) -> None:
-    """--solo KIND: one kind of step alone in this process (--rss); prints RESULT {...}."""
+def worker(args: argparse.Namespace, s: dict) -> dict[str, Any]:
+    """--worker ROLE, in a fresh process: "speed" (every kind of step, in turns) or one KIND alone (--rss, 1
+    warm-up turn + 1 turn); with this process's peak RSS and, alone, its RSS after the stack's imports."""
     import workers
 
-    if args.solo == "trl":
-        import trl  # noqa: F401  (imports before the RSS baseline)
+    mode, model = args.modes[0], json.loads(args.model_json)
+    if args.worker == "speed":
+        result = measure_mode(str(args.hf_dir), mode, s, model, list(STEPS))
+        return {**result, "process_peak_rss_mib": peak_rss_mib()}
+    if args.worker == "trl":
+        import peft  # noqa: F401  (the stack's imports before the RSS baseline; trl imports lazily)
+        import torch  # noqa: F401
+        from trl import DPOTrainer  # noqa: F401
     else:
         from sftjax.train.setup import build_model  # noqa: F401
     after_imports = workers.rss_mib()
-    model = json.loads(args.model_json)
-    r = measure_mode(str(args.hf_dir), args.modes[0], {**s, "steps": s["turn"] - 1}, model, [args.solo])
-    print("RESULT " + json.dumps({"rss_after_imports_mib": after_imports, "peak_rss_mib": peak_rss_mib(),
-                                  "step_s": r[args.solo]["step_s"], "torch_imported": "torch" in sys.modules,
-                                  "jax_imported": "jax" in sys.modules}),
-          flush=True)
+    r = measure_mode(str(args.hf_dir), mode, {**s, "steps": s["turn"] - 1}, model, [args.worker])
+    return {"rss_after_imports_mib": after_imports, "peak_rss_mib": peak_rss_mib(),
+            "step_s": r[args.worker]["step_s"], "torch_imported": "torch" in sys.modules,
+            "jax_imported": "jax" in sys.modules}
 
 
-def run_solo(args: argparse.Namespace, kind: str, mode: str, hf_dir: Path, model: dict) -> dict[str, Any]:
-    """This script with --solo in a fresh process: its RESULT line."""
+def spawn(args: argparse.Namespace, role: str, mode: str, hf_dir: Path, model: dict) -> dict[str, Any]:
+    """This script with --worker ROLE for one mode in a fresh process (so that its peak RSS is its own, not this
+    process's: Linux carries ru_maxrss over fork and exec); its RESULT line."""
     env = {**os.environ, **ENV}
-    if kind == "trl":
-        env["SFTJAX_MALLOC"] = "system"  # TRL as its users run it: glibc's malloc defaults
-    cmd = [sys.executable, __file__, "--solo", kind, "--modes", mode, "--hf-dir", str(hf_dir),
+    if role == "trl":
+        env["SFTJAX_MALLOC"] = "system"  # TRL alone as its users run it: glibc's malloc defaults
+    cmd = [sys.executable, __file__, "--worker", role, "--modes", mode, "--hf-dir", str(hf_dir),
            "--model-json", json.dumps(model)] + (["--quick"] if args.quick else [])
-    for option in ("seq", "turn"):  # the same pairs and turn as the main process
+    for option in ("steps", "seq", "turn"):  # the same settings as asked for
         cmd += [f"--{option}", str(getattr(args, option))] if getattr(args, option) else []
+    start = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.stdout.write(proc.stdout)
-        raise SystemExit(f"dpo_bench: --solo {kind} {mode} failed (exit {proc.returncode})")
+        raise SystemExit(f"dpo_bench: worker {role} {mode} failed (exit {proc.returncode})")
+    print(f"dpo_bench: {role} {mode} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -501,8 +511,10 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["", "held: the trees a step keeps between steps (TRL: + its gradients, alive from backward to the "
               "optimizer step). XLA temp: the compiled sftjax step's activations, gradients and scratch; torch on "
               "CPU has no allocator statistics, so TRL's activation peak is not counted. The two sftjax layouts "
-              "share the frozen and reference trees and hold one state each. Peak RSS of this process, all steps "
-              f"and modes together: {r['peak_rss_mib']:,.0f} MiB.", ""]
+              "share the frozen and reference trees and hold one state each. Peak RSS of the process that ran a "
+              "mode's three steps (all together, not a per-step figure): "
+              + ", ".join(f"{mode} {res['process_peak_rss_mib']:,.0f} MiB" for mode, res in r["speed"].items())
+              + ".", ""]
     if r.get("rss"):
         lines += ["## Each step alone in its own process (--rss)", ""]
         rows = [[mode, LABELS[kind], f"{x['peak_rss_mib']:,.0f}", f"{x['rss_after_imports_mib']:,.0f}",
@@ -523,7 +535,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--turn", type=int, help="consecutive steps per kind per turn (>= 2; the first is not measured)")
     ap.add_argument("--rss", action="store_true", help="also run each step kind alone in a fresh process: peak RSS")
     ap.add_argument("--results-dir", type=Path, default=HERE / "results", help="where the .md and .json go")
-    ap.add_argument("--solo", choices=STEPS, help=argparse.SUPPRESS)  # the --rss worker
+    ap.add_argument("--worker", choices=("speed", *STEPS), help=argparse.SUPPRESS)  # a measuring process
     ap.add_argument("--hf-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--model-json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -543,10 +555,10 @@ def main(argv: list[str] | None = None) -> None:
     s["seq"] = args.seq or s["seq"]
     if s["turn"] < 2:
         raise SystemExit("dpo_bench: --turn must be at least 2 (a turn's first step is not measured)")
-    if args.solo:
-        return solo(args, s)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args, s)), flush=True)
+        return
     import bench
-    import workers
 
     from importlib.metadata import version
 
@@ -560,16 +572,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     hf_dir = Path(tempfile.mkdtemp(prefix="sftjax-dpo-bench-"))
     try:
-        prep = workers.prepare({"model": {"preset": s["preset"], "overrides": s["overrides"]},
-                                "hf_dir": str(hf_dir / "model"), "seed": SEED})
+        prep = bench.run_worker("prepare", {"model": {"preset": s["preset"], "overrides": s["overrides"]},
+                                            "hf_dir": str(hf_dir / "model"), "seed": SEED})
         results["model"], results["num_params"] = prep["model"], prep["num_params"]
-        results["speed"] = {}
-        for mode in args.modes:
-            results["speed"][mode] = measure_mode(str(hf_dir / "model"), mode, s, prep["model"], list(STEPS))
-        results["peak_rss_mib"] = peak_rss_mib()
+        results["speed"] = {m: spawn(args, "speed", m, hf_dir / "model", prep["model"]) for m in args.modes}
         if args.rss:
-            results["rss"] = {mode: {kind: run_solo(args, kind, mode, hf_dir / "model", prep["model"])
-                                     for kind in STEPS} for mode in args.modes}
+            results["rss"] = {m: {kind: spawn(args, kind, m, hf_dir / "model", prep["model"]) for kind in STEPS}
+                              for m in args.modes}
     finally:
         shutil.rmtree(hf_dir, ignore_errors=True)
     results["load_after"] = os.getloadavg()

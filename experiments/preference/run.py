@@ -32,6 +32,7 @@ DPO_RECIPE = ("objective=dpo", "method=lora", "data.seq_len=320", "trainer.batch
               "builtin.upsample.add=1.0")
 BETAS = (0.05, 0.5)  # besides TRL's default 0.1
 LOSSES = (("ipo", ()), ("hinge", ()), ("robust", ("objective.label_smoothing=0.1",)), ("simpo", ()), ("orpo", ()))
+EXTRA = (("sigmoid + chosen NLL (sft_weight 1)", ("objective.sft_weight=1.0",)),)
 
 
 def sft_export(seed: int) -> Path:
@@ -76,8 +77,9 @@ def main() -> None:
     sweep = {}
     for name, extra in ([(f"beta {b}", (f"objective.beta={b}",)) for b in BETAS]
                         + [(f"{loss}", (f"objective.loss_type={loss}", *more)) for loss, more in LOSSES]
+                        + list(EXTRA)
                         + [("copied reference", (f"objective.reference={sft_export(0)}",))]):
-        key = name.replace(" ", "_").replace(".", "")
+        key = "".join(c if c.isalnum() else "_" for c in name).strip("_")
         overrides = (f"model.path={sft_export(0)}", *DPO_RECIPE, "data.seed=0", *extra)
         folder = train(RESULTS, key, *overrides)
         sweep[name] = (folder, pairwise(folder, "--run", str(run_dir_of(*overrides))))

@@ -440,7 +440,7 @@ def test_pipeline_over_long_policies(template_dir, tmp_path):
                {"prompt": "hi", "chosen": long, "rejected": long + " x"},  # 3: both ends cut to the same: dropped
                {"prompt": "hi", "chosen": " fox", "rejected": " dog"}]  # 4: fits
     path = str(write_jsonl(tmp_path / "d.jsonl", records))
-    config = lambda **kw: DataConfig([DatasetSpec(path)], seq_len=48, template_kwargs=KW, **kw)
+    config = lambda **kw: DataConfig([DatasetSpec(path)], seq_len=48, template_kwargs=KW, **kw)  # noqa: E731
     prepared = prepare(config(), tok)
     st_ = prepared.stats[0]
     assert (st_.records, st_.kept, st_.truncated, st_.dropped_too_long) == (4, 3, 2, 1)

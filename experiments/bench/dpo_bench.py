@@ -81,8 +81,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -151,7 +152,7 @@ def sftjax_batches(steps: list[list[dict]], seq: int | None, packing: str, objec
     bins = [pack_bins([len(e.tokens) for e in ex], seq, packing) for ex in examples]
     rows = max(len(b) for b in bins)
     batches = []
-    for ex, b in zip(examples, bins):
+    for ex, b in zip(examples, bins, strict=True):
         laid = build_rows(ex, [0] * len(ex), b + [[] for _ in range(rows - len(b))], seq, 0, pairs=True)
         batches.append(objective.prepare({k: v[None, None] for k, v in laid.items()}))
     batches = same_label_index(batches)
@@ -178,7 +179,6 @@ class SftjaxDPO:
     own replicated train state; the frozen and reference trees are shared (never donated)."""
 
     def __init__(self, cfg, model, objective, frozen, refs, batch: dict):
-        import jax
         import jax_side
 
         from sftjax.peft import quant
@@ -558,9 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args, s)), flush=True)
         return
-    import bench
-
     from importlib.metadata import version
+
+    import bench
 
     started = time.perf_counter()
     host = bench.machine()

@@ -202,7 +202,8 @@ def without_adapters(tree: Params) -> Params:
     reference policy of DPO under LoRA; nothing is copied)."""
     if not isinstance(tree, dict):
         return tree
-    return {k: without_adapters(v) for k, v in tree.items() if k not in ("lora_a", "lora_b")}
+    out = {k: without_adapters(v) for k, v in tree.items() if k not in ("lora_a", "lora_b")}
+    return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}  # no empty modules left
 
 
 def adapter_modules(params: Params) -> list[Module]:

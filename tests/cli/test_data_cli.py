@@ -42,3 +42,24 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.strip().count("\n") == 0 and message in err, err
+
+
+def test_preference_pairs_shown_with_both_completions_marked(tmp_path, capsys):
+    """A pair's chosen and rejected sequences, each with its trained completion marked; identical pairs and pairs
+    that do not fit a row counted."""
+    tok = make_tokenizer_dir(tmp_path, "qwen_chatml")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello", "rejected": "Go away"},
+        {"prompt": "same", "chosen": " x", "rejected": " x"},
+        {"prompt": "long " * 40, "chosen": " a " * 40, "rejected": " b " * 40}])
+    args = [f"model.tokenizer={tok}", f"data={pairs}", "data.seq_len=128", "data.over_long=drop", "--show", "1"]
+    assert main([*args, "--json"]) == 0
+    task = json.loads(capsys.readouterr().out)["train"]["tasks"][0]
+    assert (task["records"], task["kept"], task["dropped_identical"], task["dropped_too_long"]) == (3, 1, 1, 1)
+    shown = task["examples"][0]
+    assert shown["chosen"].endswith("<|im_start|>assistant\n[[Hello<|im_end|>\n]]")
+    assert shown["rejected"].endswith("<|im_start|>assistant\n[[Go away<|im_end|>\n]]")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "3 preference pairs, 1 kept, dropped 1 with chosen = rejected + 1 not fitting a row of 128" in out
+    assert "chosen:" in out and "rejected:" in out

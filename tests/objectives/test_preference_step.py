@@ -114,3 +114,25 @@ def test_orpo_nll_is_a_mean_over_chosen_tokens():
             odds.append(-0.1 * np.log(1 / (1 + np.exp(-log_odds))))
     np.testing.assert_allclose(hist[0]["loss"], nll + np.mean(odds), rtol=RTOL)
     np.testing.assert_allclose(hist[0]["nll"], nll, rtol=RTOL)
+
+
+def test_lora_reference_keeps_the_originals_of_modules_trained_beside_the_adapters():
+    """Under LoRA with embed_tokens and norm trained fully, the reference is the starting model: the frozen base with
+    the adapters off and the ORIGINAL embed_tokens / norm (kept in refs), however far training has moved them."""
+    from sftjax.peft import lora as lora_lib
+    from sftjax.train.state import merge_params
+
+    params = sftjax.init_params(CFG, jax.random.key(0))
+    spec = lora_lib.LoraSpec(rank=4, alpha=8, trainable_modules=("embed_tokens", "norm"))
+    frozen, trainable = lora_lib.split(params, spec, lora_lib.init_adapters(CFG, spec, jax.random.key(1)))
+    refs = {"reference": policy_reference(trainable)}
+    assert sorted(refs["reference"]) == ["embed_tokens", "norm"]  # only those: the base is the frozen tree
+    objective = dpo.make(dpo.Settings(), Context(lora_lib.model_config(CFG, spec), ("t",)))
+    batch = {k: v for k, v in objective.prepare({k: v[None] for k, v in _rows(0).items()}).items()}
+    batch = jax.tree.map(lambda x: x[0], batch)
+    moved = jax.tree.map(lambda x: x + 0.1, trainable)  # training moved the adapters and the full modules
+    got = objective.reference_logps(objective.reference_params(merge_params(frozen, moved), refs), batch)
+    want = objective.sequence_logps(CFG, params, batch)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    policy = objective.sequence_logps(CFG, merge_params(frozen, moved), batch)[0]
+    assert np.abs(np.asarray(policy) - np.asarray(want)).max() > 1e-2  # the policy did move

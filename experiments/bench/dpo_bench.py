@@ -1,6 +1,6 @@
 """sftjax's DPO train step against TRL's DPOTrainer step: speed and memory on the same model, pairs and settings.
 
-    python experiments/bench/dpo_bench.py                     # bench config, full + lora (about 8 min on 2 cores)
+    python experiments/bench/dpo_bench.py                     # bench config, full + lora (6-10 min on 2 cores)
     python experiments/bench/dpo_bench.py --quick             # tiny config, one measured step each (the test)
     python experiments/bench/dpo_bench.py --modes lora --steps 6
     python experiments/bench/dpo_bench.py --rss               # + each stack alone in its own process: peak RSS
@@ -58,11 +58,15 @@ Memory, what each can say honestly in that process:
 
 Caveats: TRL pads each batch to its own longest sequence (a batch of short pairs costs less), while the sftjax
 steps have fixed shapes: packed rows are R x 512 whatever the step's pairs fill, padded rows the longest pair of
-the whole run. sftjax computes the vocabulary projection at the trained (completion) positions only, in one of a
-few sizes (`sft.LABEL_FRACTIONS`); the bench pads every step's index to the largest size any of its steps needs,
-so that one program serves all (a training run compiles each size it meets). TRL's fused LM head works over every
-position. No MFU is reported: the work differs per layout (padding, logit positions), so a FLOP count per real
-token would flatter or punish one side by construction.
+the whole run. Pairs of these lengths hold 2 x 104 + 2 x 56 = 320 tokens on average, so at T = 512 few share a row
+and packing cannot gain much over padding there (`--seq 1024` fits about three per row). sftjax computes the
+vocabulary projection at the trained (completion) positions only, in one of a few sizes (`sft.LABEL_FRACTIONS`);
+the bench pads every step's index to the largest size any of its steps needs, so that one program serves all (a
+training run compiles each size it meets). TRL's fused LM head works over every position. Timings need a quiet
+machine: with other jobs on the 2 cores TRL's steps varied far more than sftjax's (0.03-2 s on the tiny --quick
+config at a load average of 3); the load averages before and after are printed. No MFU is reported: the work
+differs per layout (padding, logit positions), so a FLOP count per real token would flatter or punish one side by
+construction.
 
 Results: the markdown table on stdout and in results/dpo_<date>-<HHMM>[-quick].md, every raw figure (each step's
 time, losses, first-step metrics) in the .json beside it; a result never replaces another.
@@ -262,9 +266,10 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def trl_step(hf_dir: str, mode: str, s: dict, steps: list[list[dict]], out_dir: str) -> tuple[Callable, dict]:
-    """(step(i), facts): TRL's DPOTrainer as its users set it up (module docstring), batches collated by its own
-    collator before timing."""
+def trl_step(hf_dir: str, mode: str, s: dict, steps: list[list[dict]], out_dir: str
+             ) -> tuple[Callable, dict, Callable]:
+    """(step(i), facts, late facts()): TRL's DPOTrainer as its users set it up (module docstring), batches collated
+    by its own collator before timing; the late facts (optimizer state bytes) exist once a step has run."""
     import warnings
 
     import datasets
@@ -327,30 +332,35 @@ def trl_step(hf_dir: str, mode: str, s: dict, steps: list[list[dict]], out_dir: 
         "q_proj_class": type(linear).__name__,
     }
 
-    def opt_bytes() -> int:
-        return _tensor_bytes(t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor))
+    def late() -> dict[str, int]:
+        state = (t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor))
+        return {"opt_state_bytes": _tensor_bytes(state)}
 
-    return step, {**facts, "opt_state_bytes": opt_bytes}
+    return step, facts, late
 
 
 # ---------------------------------------------------------------------------------------------------- measurement
-def measure_mode(hf_dir: str, mode: str, s: dict, model: dict, kinds: list[str]) -> dict[str, Any]:
-    """Build the `kinds` of step for one mode, run them in turns on the same pairs, return times and facts."""
+def measure_mode(hf_dir: str, mode: str, s: dict, model: dict, kinds: list[str], turns: int | None = None
+                 ) -> dict[str, Any]:
+    """Build the `kinds` of step for one mode, run them in turns on the same pairs, return times and facts.
+    turns: run only the first turns (the pairs and shapes stay those of the whole run)."""
     turn = s["turn"]
-    turns = s["warmup"] + -(-s["steps"] // (turn - 1))
-    pairs = random_pairs(turns * turn * s["pairs"], s, model["vocab_size"], model["bos_token_id"],
+    all_turns = s["warmup"] + -(-s["steps"] // (turn - 1))
+    turns = min(turns or all_turns, all_turns)
+    pairs = random_pairs(all_turns * turn * s["pairs"], s, model["vocab_size"], model["bos_token_id"],
                          model["eos_token_ids"][0], SEED)
-    steps = [pairs[i * s["pairs"]:(i + 1) * s["pairs"]] for i in range(turns * turn)]
+    steps = [pairs[i * s["pairs"]:(i + 1) * s["pairs"]] for i in range(all_turns * turn)]
     if max(pair_length(p) for p in pairs) > s["seq"]:
         raise SystemExit(f"dpo_bench: a pair is longer than seq={s['seq']}")
     runs: dict[str, Callable] = {}
     facts: dict[str, dict] = {}
+    late: Callable[[], dict] = dict  # TRL's facts known only after a step (none without TRL)
     if any(k != "trl" for k in kinds):
         runs, facts = sftjax_steps(hf_dir, mode, s, steps, kinds)
     out_dir = tempfile.mkdtemp(prefix="dpo-bench-trl-")
     try:
         if "trl" in kinds:
-            runs["trl"], facts["trl"] = trl_step(hf_dir, mode, s, steps, out_dir)
+            runs["trl"], facts["trl"], late = trl_step(hf_dir, mode, s, steps, out_dir)
         times: dict[str, list[float]] = {k: [] for k in kinds}
         results: dict[str, list[dict]] = {k: [] for k in kinds}
         for i in range(turns):  # packed turn, padded turn, trl turn, packed turn, ...: each the same pairs
@@ -363,9 +373,11 @@ def measure_mode(hf_dir: str, mode: str, s: dict, model: dict, kinds: list[str])
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     if "trl" in facts:
-        facts["trl"]["opt_state_bytes"] = facts["trl"]["opt_state_bytes"]()
-    real_per_step = facts[kinds[0]]["real_tokens"] / len(steps)
-    out: dict[str, Any] = {"mode": mode, "turns": turns, "turn": turn, "real_tokens_per_step": real_per_step}
+        facts["trl"].update(late())
+    measured_steps = [j for j in range(s["warmup"] * turn, turns * turn) if j % turn]  # steady steps' indices
+    real_per_step = statistics.mean(sum(pair_length(p) for p in steps[j]) for j in measured_steps)
+    out: dict[str, Any] = {"mode": mode, "turns": turns, "turn": turn, "steady_steps": len(measured_steps),
+                           "real_tokens_per_step": real_per_step}
     for kind in kinds:
         measured = times[kind][s["warmup"] * turn:]
         steady = [t for j, t in enumerate(measured) if j % turn]
@@ -404,7 +416,7 @@ def worker(args: argparse.Namespace, s: dict) -> dict[str, Any]:
     else:
         from sftjax.train.setup import build_model  # noqa: F401
     after_imports = workers.rss_mib()
-    r = measure_mode(str(args.hf_dir), mode, {**s, "steps": s["turn"] - 1}, model, [args.worker])
+    r = measure_mode(str(args.hf_dir), mode, s, model, [args.worker], turns=s["warmup"] + 1)
     return {"rss_after_imports_mib": after_imports, "peak_rss_mib": peak_rss_mib(),
             "step_s": r[args.worker]["step_s"], "torch_imported": "torch" in sys.modules,
             "jax_imported": "jax" in sys.modules}
@@ -452,15 +464,16 @@ def markdown(r: dict[str, Any]) -> str:
         f"- command: `{r['command']}`",
         f"- load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in r['load_before'])}, after "
         f"{'/'.join(f'{x:.2f}' for x in r['load_after'])}; wall time {r['wall_s']:.0f} s",
-        f"- model: {s['preset']} {s['overrides'] or ''} (vocab {m['vocab_size']}, width {m['hidden_size']}, "
-        f"{m['num_layers']} layers, {m['num_heads']} q / {m['num_kv_heads']} kv heads, FFN "
+        f"- model: {s['preset']}{' ' + str(s['overrides']) if s['overrides'] else ''} (vocab {m['vocab_size']}, "
+        f"width {m['hidden_size']}, {m['num_layers']} layers, {m['num_heads']} q / {m['num_kv_heads']} kv heads, FFN "
         f"{m['intermediate_size']}), {r['num_params'] / 1e6:.2f}M parameters, float32; LoRA r={LORA['rank']} "
         f"alpha={LORA['alpha']:g} dropout 0 on q,k,v,o,gate,up,down",
         f"- DPO sigmoid, beta {BETA}; AdamW lr {LR:g} constant, no weight decay, no clipping; {s['pairs']} pairs "
         f"per step: prompt {s['prompt'][0]}-{s['prompt'][1]} tokens, completions {s['completion'][0]}-"
         f"{s['completion'][1]} each (random tokens, seed {SEED})",
         f"- speed: turns of {s['turn']} steps (packed, padded, TRL, ...), {s['warmup']} warm-up turn(s), medians of "
-        f"{s['steps']}+ steady steps per step kind (the first step of every turn left out)",
+        f"{next(iter(r['speed'].values()))['steady_steps']} steady steps per step kind (the first step of every turn "
+        "left out)",
         "",
         "## Train-step throughput",
         "",
@@ -471,8 +484,11 @@ def markdown(r: dict[str, Any]) -> str:
             x = res.get(kind)
             if x is None:
                 continue
+            need = x.get("rows_needed", [x["rows"]])
             shape = (f"{x['rows']} x {x['seq']}" if kind != "trl" else
                      f"{x['rows']} x {min(x['seq'])}-{max(x['seq'])}")
+            if min(need) < x["rows"]:
+                shape += f" ({min(need)}-{max(need)} rows filled)"
             rows.append([mode, LABELS[kind], shape, f"{x['padding']:.0%}", f"{x['step_s']:.3f}",
                          f"{x['pairs_per_s']:.2f}", f"{x['tokens_per_s']:,.0f}",
                          f"**{x['vs_trl']:.2f}x**" if "vs_trl" in x else "1.00x",

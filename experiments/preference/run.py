@@ -54,8 +54,9 @@ def pairwise(results: Path, *source: str) -> dict:
     """sftjax-eval of `source` (--run DIR or --model DIR objective=dpo) on the test pairs, kept in results/."""
     out = results / "test_pairs.json"
     if not out.is_file() and not OFFLINE:
-        done = subprocess.run(["sftjax-eval", *source, "--data", *test_pairs(), "--max-new-tokens", "0", "--json"],
-                              check=True, capture_output=True, text=True)
+        data = [arg for path in test_pairs() for arg in ("--data", path)]
+        done = subprocess.run(["sftjax-eval", *source, *data, "--max-new-tokens", "0", "--json"], check=True,
+                              capture_output=True, text=True)
         out.write_text(done.stdout)
     return json.loads(out.read_text())["overall"]
 

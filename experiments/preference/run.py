@@ -33,6 +33,10 @@ DPO_RECIPE = ("objective=dpo", "method=lora", "data.seq_len=320", "trainer.batch
 BETAS = (0.05, 0.5)  # besides TRL's default 0.1
 LOSSES = (("ipo", ()), ("hinge", ()), ("robust", ("objective.label_smoothing=0.1",)), ("simpo", ()), ("orpo", ()))
 EXTRA = (("sigmoid + chosen NLL (sft_weight 1)", ("objective.sft_weight=1.0",)),)
+NLL = ("objective.sft_weight=1.0",)
+# The control: the SFT model trained on for as many steps with the same LoRA and lr, on the SFT tasks (plain SFT).
+MORE_SFT = ("method=lora", "trainer.batch_size=16", "trainer.max_steps=150", "optim.lr=2e-4", "optim.warmup_steps=10",
+            "trainer.eval_every=50", "trainer.save_every=150", "builtin.upsample.add=1.0")
 
 
 def sft_export(seed: int) -> Path:
@@ -66,15 +70,25 @@ def mean_sd(values, fmt=pct) -> str:
 
 
 def main() -> None:
-    sft, dpo = [], []
+    sft, dpo, dpo_nll, more_sft = [], [], [], []
     for s in SEEDS:
         sft.append(train(RESULTS, f"sft_s{s}", f"data.seed={s}"))
         dpo.append(train(RESULTS, f"dpo_s{s}", f"model.path={sft_export(s)}", *DPO_RECIPE, f"data.seed={s}"))
+    for s in SEEDS:  # added after the first results: DPO + the chosen answers' NLL, and its control
+        dpo_nll.append(train(RESULTS, f"dpo_nll_s{s}", f"model.path={sft_export(s)}", *DPO_RECIPE, *NLL,
+                             f"data.seed={s}"))
+        more_sft.append(train(RESULTS, f"more_sft_s{s}", f"model.path={sft_export(s)}", *MORE_SFT, f"data.seed={s}"))
     sft_pairs = []
     for s, d in zip(SEEDS, sft):
         sft_pairs.append(pairwise(d, "--model", str(sft_export(s)), "objective=dpo"))
     dpo_pairs = [pairwise(d, "--run", str(run_dir_of(f"model.path={sft_export(s)}", *DPO_RECIPE, f"data.seed={s}")))
                  for s, d in zip(SEEDS, dpo)]
+    nll_pairs = [pairwise(d, "--run", str(run_dir_of(f"model.path={sft_export(s)}", *DPO_RECIPE, *NLL,
+                                                     f"data.seed={s}")))
+                 for s, d in zip(SEEDS, dpo_nll)]
+    more_pairs = [pairwise(d, "--run", str(run_dir_of(f"model.path={sft_export(s)}", *MORE_SFT, f"data.seed={s}")),
+                           "objective.name=dpo")
+                  for s, d in zip(SEEDS, more_sft)]
     sweep = {}
     for name, extra in ([(f"beta {b}", (f"objective.beta={b}",)) for b in BETAS]
                         + [(f"{loss}", (f"objective.loss_type={loss}", *more)) for loss, more in LOSSES]
@@ -89,8 +103,11 @@ def main() -> None:
     reports_dpo = [report(d) for d in dpo]
     tasks = reports_dpo[0]["tasks"]
     rows = []
-    for name, rs, ps in (("SFT alone", reports_sft, sft_pairs), ("SFT, then DPO (sigmoid, beta 0.1)", reports_dpo,
-                                                                  dpo_pairs)):
+    for name, rs, ps in (("SFT alone", reports_sft, sft_pairs),
+                         ("SFT, then 150 more SFT steps (LoRA, as DPO)", [report(d) for d in more_sft], more_pairs),
+                         ("SFT, then DPO (sigmoid, beta 0.1)", reports_dpo, dpo_pairs),
+                         ("SFT, then DPO + the chosen answers' NLL (sft_weight 1)", [report(d) for d in dpo_nll],
+                          nll_pairs)):
         rows.append([name, *(pct(statistics.mean(r["fine_tuned"][t] for r in rs)) for t in tasks),
                      f"**{mean_sd([r['mean'] for r in rs])}**",
                      f"**{mean_sd([p['logps/accuracies'] for p in ps])}**",

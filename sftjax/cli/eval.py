@@ -158,6 +158,14 @@ def print_table(result: dict[str, Any]) -> None:
     for name, m in rows:
         print(f"{name:<{width}}  {m['examples']:>8}  {show(m, 'tokens', 'd'):>8}  {show(m, 'loss', '.4f'):>8}  "
               f"{show(m, 'ppl', '.4g'):>10}  {show(m, 'accuracy', '.2%'):>9}  {show(m, 'exact_match', '.2%'):>11}")
+    if "pairs" in result["overall"]:  # a pair objective (dpo: implicit rewards; reward: the head's)
+        dpo = "rewards/accuracies" in result["overall"]
+        print(f"\n{'task':<{width}}  {'pairs':>8}  {'ranked right':>12}  {'margin':>8}")
+        for name, m in rows:
+            right = m.get(("rewards/accuracies" if name == "overall" else "accuracies") if dpo else "accuracy")
+            margin = m.get("rewards/margins" if dpo else "margin")
+            print(f"{name:<{width}}  {int(m.get('pairs') or 0):>8}  {show({'x': right}, 'x', '.2%'):>12}  "
+                  f"{show({'x': margin}, 'x', '.4f'):>8}")
 
 
 def write_output(path: str, result: dict[str, Any]) -> None:

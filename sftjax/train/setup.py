@@ -7,6 +7,7 @@ empty) and raises a one-line UserError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from sftjax.train.checkpoint import Checkpointer, check_base, fingerprint
 from sftjax.train.optim import make_optimizer
 from sftjax.train.state import init_state, merge_params
 from sftjax.train.evaluate import one_pass
+
+log = logging.getLogger("sftjax")
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -209,10 +212,16 @@ def build_references(cfg: TrainConfig, model: Model, objective: objectives.Objec
     objective = objective.bind({name: r.cfg for name, r in references.items()})
     refs = {name: r.params for name, r in references.items()}
     refs.update({name: policy_reference(model.trainable) for name in objective.policy_references()})
+    for name in objective.policy_references():
+        held = quant.tree_bytes(refs[name]) / 2**20
+        log.info("objective.%s: the starting policy%s", name, f" (a frozen copy, {held:.1f} MiB)" if model.lora is None
+                 else f": the frozen base with the adapters off (+ {held:.1f} MiB of fully trained modules' originals)")
     if getattr(objective, "precomputes_reference", False):
         start = merge_params(model.frozen, model.trainable)
         splits = [None if s is None else precompute_logps(objective, start, refs, s) for s in splits]
         refs = {}
+        log.info("reference log-probabilities precomputed for %s pairs: no reference in the step",
+                 " + ".join(str(sum(map(len, s.datasets))) for s in splits if s is not None))
     return objective, refs, {name: r.fingerprint for name, r in references.items()}, splits
 
 

@@ -116,6 +116,10 @@ def test_sftjax_eval_reports_the_pair_metrics(dpo_run, capsys):
     assert overall["rewards/accuracies"] == pytest.approx(logged["rewards/accuracies"])
     assert overall["loss"] == pytest.approx(logged["loss"], rel=1e-5)
     assert result["tasks"]["pairs"]["accuracies"] == pytest.approx(logged["pairs/accuracies"])
+    assert eval_main(["--run", str(dpo_run), "--max-new-tokens", "0"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    row = table[table.index(next(x for x in table if "ranked right" in x)) + 2].split()  # task, overall
+    assert row[:2] == ["overall", "16"] and row[2] == f"{logged['rewards/accuracies']:.2%}"
 
 
 def test_dpo_run_exports_merged_and_peft(dpo_run, tmp_path):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-NAMES = ("methods", "data_efficiency", "overfitting", "search", "multitask", "task_heads", "distillation")
+NAMES = ("methods", "data_efficiency", "overfitting", "search", "multitask", "task_heads", "distillation", "preference",
+         "reward_model")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -77,7 +77,7 @@ OBJECTIVES = {
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_devices_and_accumulation_agree(name):
     objective = OBJECTIVES[name]
-    runs = {layout: _run(objective, *layout) for layout in [(1, 1), (2, 2), (4, 1)]}
+    runs = {layout: _run(objective, *layout) for layout in [(1, 1), (2, 2)]}  # 2 devices x 2 micro-batches
     ref_state, ref_hist = runs[1, 1]
     assert ref_hist[0]["pairs"] > ROWS  # several pairs per row
     for layout, (state, hist) in runs.items():

@@ -41,6 +41,7 @@ import numpy as np
 
 from sftjax.data.errors import DataError
 from sftjax.data.masking import Tokenized
+from sftjax.data.preference import truncate_pair
 
 PACKING = ("bfd", "greedy", "none")
 OVER_LONG = ("truncate", "drop", "error")
@@ -49,17 +50,24 @@ PAIR_KEYS = ("pair_ids", "margins", "ref_logps")
 
 
 def fit_length(ex: Tokenized, seq_len: int, policy: str, bos_id: int | None) -> Tokenized | None:
-    """Apply the over-long policy: the example itself if it fits, else truncated, None (drop), or DataError."""
+    """Apply the over-long policy: the example itself if it fits, else truncated, None (drop), or DataError. A
+    preference pair (ex.split > 0) is truncated by `preference.truncate_pair` (both its sequences share a row)."""
+    if policy not in OVER_LONG:
+        raise DataError(f"over_long={policy!r}: expected one of {', '.join(OVER_LONG)}")
     length = len(ex.tokens)
     if length <= seq_len:
         return ex
     if policy == "drop":
         return None
     if policy == "error":
+        if ex.split:
+            raise DataError(f"{ex.where}: the pair has {length} tokens (prompt + chosen and prompt + rejected), more "
+                            f"than seq_len={seq_len}: both sequences of a pair go into one row (set over_long=truncate "
+                            "or drop)")
         raise DataError(f"{ex.where}: example has {length} tokens, more than seq_len={seq_len} "
                         "(set over_long=truncate or drop)")
-    if policy != "truncate":
-        raise DataError(f"over_long={policy!r}: expected one of {', '.join(OVER_LONG)}")
+    if ex.split:
+        return truncate_pair(ex, seq_len, bos_id)
     trained = np.flatnonzero(ex.mask)
     first = int(trained[0]) if len(trained) else length
     keep_bos = int(bos_id is not None and ex.tokens[0] == bos_id)

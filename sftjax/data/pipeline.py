@@ -45,7 +45,7 @@ from sftjax.data.formats import Example, Pair, read_dataset
 from sftjax.data.masking import Tokenized, tokenize_examples
 from sftjax.data.mixture import epoch_order
 from sftjax.data.packing import build_rows, empty_rows, fit_length, pack_bins
-from sftjax.data.preference import fit_pair, tokenize_pairs
+from sftjax.data.preference import tokenize_pairs
 from sftjax.data.tokenizer import Tokenizer
 
 _STATE_VERSION = 2  # 2: rows of a best-fit-decreasing window are shuffled
@@ -163,8 +163,7 @@ def prepare(config: DataConfig, tokenizer: Tokenizer) -> Prepared:
             if ex.num_trained == 0 and ex.label < 0:
                 st.dropped_empty_mask += 1
                 continue
-            fit = fit_pair if ex.split else fit_length
-            fitted = fit(ex, config.seq_len, config.over_long, tokenizer.bos_id)
+            fitted = fit_length(ex, config.seq_len, config.over_long, tokenizer.bos_id)
             if fitted is None:
                 st.dropped_too_long += 1
                 continue

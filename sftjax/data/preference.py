@@ -21,7 +21,8 @@ the prompt's tokens would differ from the inference prompt's and the first compl
 
 A pair whose chosen and rejected token sequences are identical teaches nothing: it is dropped and counted.
 
-Fitting a pair into a row of T tokens (both sequences must fit: 2P + C + R <= T), policy `truncate`: prompt tokens
+Fitting a pair into a row of T tokens (both sequences must fit: 2P + C + R <= T; `packing.fit_length` applies the
+over-long policy to pairs as to other examples), policy `truncate` (`truncate_pair`): prompt tokens
 are cut from the left of both copies (keeping BOS and at least one prompt token), then, only if still too long,
 completion tokens from the end of the longer completion, one at a time. A pair left with an empty completion, or
 with two completions cut to the same tokens, is dropped (counted). `drop` drops an over-long pair, `error` stops at it.
@@ -37,7 +38,6 @@ import numpy as np
 from sftjax.data.errors import DataError
 from sftjax.data.formats import Pair
 from sftjax.data.masking import Tokenized
-from sftjax.data.packing import OVER_LONG
 from sftjax.data.tokenizer import Tokenizer
 
 
@@ -123,19 +123,10 @@ def parts(ex: Tokenized) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return chosen_seq[:P], chosen_seq[P:], rejected_seq[P:]
 
 
-def fit_pair(ex: Tokenized, seq_len: int, policy: str, bos_id: int | None) -> Tokenized | None:
-    """The over-long policy on a pair (see the module docstring): ex if it fits, truncated, None, or DataError."""
-    if policy not in OVER_LONG:
-        raise DataError(f"over_long={policy!r}: expected one of {', '.join(OVER_LONG)}")
+def truncate_pair(ex: Tokenized, seq_len: int, bos_id: int | None) -> Tokenized | None:
+    """An over-long pair cut to fit seq_len (see the module docstring), or None when nothing would be left to
+    prefer. The over-long policy itself is `packing.fit_length`'s."""
     length = len(ex.tokens)
-    if length <= seq_len:
-        return ex
-    if policy == "drop":
-        return None
-    if policy == "error":
-        raise DataError(f"{ex.where}: the pair has {length} tokens (prompt + chosen and prompt + rejected), more than "
-                        f"seq_len={seq_len}: both sequences of a pair go into one row (set over_long=truncate or "
-                        "drop)")
     prompt, chosen, rejected = parts(ex)
     keep_bos = int(bos_id is not None and len(prompt) > 0 and prompt[0] == bos_id)
     excess = length - seq_len

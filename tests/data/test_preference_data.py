@@ -12,7 +12,8 @@
     whose header "\n\n" is one token as at the end of the prompt alone, where the joint encoding has two); masks
     cover exactly the reply and its end of turn; one BOS per sequence; no duplicated EOS; identical pairs dropped
     and counted.
-  * truncation (`fit_pair`): hand-computed cases and a property test against the rule written out independently.
+  * truncation (`packing.fit_length` on pairs): hand-computed cases and a property test against the rule written
+    out independently.
   * packing (`build_rows(pairs=True)`) and `sequence_index`: every row checked segment by segment against the pairs.
   * pipeline (`prepare`, `DataIterator`): mixing pairs with SFT data refused, PAIR_KEYS in every batch, each pair
     once and whole in one row, the fingerprint marks pair data.
@@ -29,9 +30,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from sftjax.data.errors import DataError
 from sftjax.data.formats import Pair, common_text_prefix, detect_format, read_dataset
-from sftjax.data.packing import PAIR_KEYS, ROW_KEYS, build_rows, empty_rows, pack_bins
+from sftjax.data.packing import PAIR_KEYS, ROW_KEYS, build_rows, empty_rows, fit_length, pack_bins
 from sftjax.data.pipeline import DataConfig, DataIterator, DatasetSpec, fingerprint, prepare
-from sftjax.data.preference import fit_pair, pair_tokens, parts, tokenize_pairs
+from sftjax.data.preference import pair_tokens, parts, tokenize_pairs
 from sftjax.data.tokenizer import load_tokenizer
 from sftjax.objectives.pairs import pair_slots, sequence_index, with_sequences
 
@@ -372,28 +373,28 @@ def synthetic(P, C, R, bos=True, margin=0.0):
 
 def test_fit_pair_cuts_the_prompt_from_the_left_then_the_longer_completion():
     ex = synthetic(6, 3, 2, margin=0.5)  # [1 10 11 12 13 14] + [100 101 102] / + [200 201]: 17 tokens
-    assert fit_pair(ex, 17, "truncate", BOS) is ex
-    fitted = fit_pair(ex, 13, "truncate", BOS)  # 4 over: two prompt tokens from each copy, BOS kept
+    assert fit_length(ex, 17, "truncate", BOS) is ex
+    fitted = fit_length(ex, 13, "truncate", BOS)  # 4 over: two prompt tokens from each copy, BOS kept
     assert [p.tolist() for p in parts(fitted)] == [[1, 12, 13, 14], [100, 101, 102], [200, 201]]
     assert fitted.margin == 0.5 and fitted.where == "d.jsonl:4" and fitted.split == 7
-    fitted = fit_pair(ex, 12, "truncate", BOS)  # 5 over: both copies lose 3 (a pair shrinks by two)
+    fitted = fit_length(ex, 12, "truncate", BOS)  # 5 over: both copies lose 3 (a pair shrinks by two)
     assert [p.tolist() for p in parts(fitted)] == [[1, 13, 14], [100, 101, 102], [200, 201]]
-    fitted = fit_pair(ex, 9, "truncate", BOS)  # 8 over: the prompt at its minimum [BOS, 14]
+    fitted = fit_length(ex, 9, "truncate", BOS)  # 8 over: the prompt at its minimum [BOS, 14]
     assert [p.tolist() for p in parts(fitted)] == [[1, 14], [100, 101, 102], [200, 201]]
-    fitted = fit_pair(ex, 8, "truncate", BOS)  # then the end of the longer completion
+    fitted = fit_length(ex, 8, "truncate", BOS)  # then the end of the longer completion
     assert [p.tolist() for p in parts(fitted)] == [[1, 14], [100, 101], [200, 201]]
-    fitted = fit_pair(ex, 7, "truncate", BOS)  # then one at a time, chosen first
+    fitted = fit_length(ex, 7, "truncate", BOS)  # then one at a time, chosen first
     assert [p.tolist() for p in parts(fitted)] == [[1, 14], [100], [200, 201]]
-    fitted = fit_pair(ex, 6, "truncate", BOS)
+    fitted = fit_length(ex, 6, "truncate", BOS)
     assert [p.tolist() for p in parts(fitted)] == [[1, 14], [100], [200]]
-    assert fit_pair(ex, 5, "truncate", BOS) is None  # it would lose a whole completion
+    assert fit_length(ex, 5, "truncate", BOS) is None  # it would lose a whole completion
     no_bos = synthetic(4, 2, 2, bos=False)  # [10 11 12 13] ...: the prompt keeps its last token
-    assert parts(fit_pair(no_bos, 6, "truncate", BOS))[0].tolist() == [13]
-    assert parts(fit_pair(no_bos, 6, "truncate", None))[0].tolist() == [13]
-    assert parts(fit_pair(ex, 9, "truncate", None))[0].tolist() == [13, 14]  # BOS unknown: a plain token
-    assert fit_pair(ex, 16, "drop", BOS) is None and fit_pair(ex, 17, "drop", BOS) is ex
+    assert parts(fit_length(no_bos, 6, "truncate", BOS))[0].tolist() == [13]
+    assert parts(fit_length(no_bos, 6, "truncate", None))[0].tolist() == [13]
+    assert parts(fit_length(ex, 9, "truncate", None))[0].tolist() == [13, 14]  # BOS unknown: a plain token
+    assert fit_length(ex, 16, "drop", BOS) is None and fit_length(ex, 17, "drop", BOS) is ex
     with pytest.raises(DataError, match=r"^d.jsonl:4: the pair has 17 tokens .* more than seq_len=16") as info:
-        fit_pair(ex, 16, "error", BOS)
+        fit_length(ex, 16, "error", BOS)
     assert "\n" not in str(info.value)
 
 
@@ -416,7 +417,7 @@ def test_fit_pair_properties(P, C, R, T, bos):
     bos = bos and P > 0
     ex = synthetic(P, C, R, bos)
     prompt, chosen, rejected = parts(ex)
-    fitted = fit_pair(ex, T, "truncate", BOS)
+    fitted = fit_length(ex, T, "truncate", BOS)
     expected = reference_fit(P, C, R, T, keep=min(P, 1 + bos))  # BOS and one prompt token stay
     if expected is None:
         assert fitted is None
@@ -466,7 +467,7 @@ def test_pipeline_over_long_policies(template_dir, tmp_path):
 
 def test_unknown_over_long_policy_is_refused():
     with pytest.raises(DataError, match="over_long='trunc'"):
-        fit_pair(synthetic(6, 3, 2), 12, "trunc", BOS)
+        fit_length(synthetic(6, 3, 2), 12, "trunc", BOS)
 
 
 def test_truncation_into_an_identical_pair_drops_it(chatml_dir):
@@ -475,7 +476,7 @@ def test_truncation_into_an_identical_pair_drops_it(chatml_dir):
     _, chosen, rejected = parts(ex)
     common = int(np.argmax(chosen[:len(rejected)] != rejected[:len(chosen)]))  # ' ', 'is', ... ' fox': 6 tokens
     assert common >= 1
-    fitted = fit_pair(ex, 2 * 1 + 2 * common, "truncate", tok.bos_id)  # one prompt token + the shared start twice
+    fitted = fit_length(ex, 2 * 1 + 2 * common, "truncate", tok.bos_id)  # one prompt token + the shared start twice
     assert fitted is None or parts(fitted)[1].tolist() != parts(fitted)[2].tolist()
 
 

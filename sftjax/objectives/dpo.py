@@ -45,8 +45,9 @@ import jax.numpy as jnp
 from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import hidden_states, lm_head
-from sftjax.objectives.base import Batch, Context, Objective, Params, per_task, ratio
-from sftjax.objectives.pairs import chosen_rejected, has_target, pair_totals, per_sequence, with_sequences
+from sftjax.objectives.base import Batch, Context, Objective, Params, ratio
+from sftjax.objectives.pairs import (chosen_rejected, has_target, pair_totals, pairs_present, per_sequence,
+                                     task_metrics, task_sums, with_sequences)
 from sftjax.objectives.sft import at_trained, token_nll, with_label_index
 from sftjax.peft.lora import without_adapters
 from sftjax.train.state import merge_params
@@ -198,14 +199,11 @@ class DPO(Objective):
             ref = per_sequence(batch["ref_logps"], batch["seq_index"], slots)
         (logp_c, logp_r), (ref_c, ref_r), (len_c, len_r) = map(chosen_rejected, (logp, ref, count))
         loss, reward_c, reward_r = pair_losses(s, logp_c, logp_r, ref_c, ref_r, len_c, len_r)
-        present = (chosen_rejected(batch["sequence_last"])[0] >= 0).astype(jnp.float32)  # [P]
+        present = pairs_present(batch)  # [P]
         is_chosen = ((seq >= 0) & (seq % 2 == 0)).astype(jnp.float32) * weight  # trained chosen tokens
         if self.whole_sequence_nll:  # every target of the chosen sequence (nll is [B, T] here: no label_index)
             is_chosen = (has_target(batch["segment_ids"]) & (batch["pair_ids"] > 0)).astype(jnp.float32)
         nll_chosen = jnp.sum(nll * is_chosen)
-        last = jnp.maximum(chosen_rejected(batch["sequence_last"])[0], 0)
-        task = jnp.clip(batch["task_ids"].reshape(-1)[last], 0, len(self.tasks) - 1)  # [P]
-        by_task = lambda x: jax.ops.segment_sum(x * present, task, len(self.tasks))  # noqa: E731
         pair_loss = jnp.sum(loss * present)
         total = pair_loss
         if s.nll_weight:
@@ -217,13 +215,13 @@ class DPO(Objective):
             odds = log_odds(logp_c, logp_r, len_c, len_r)
             extra = {"log_odds": jnp.sum(odds * present),
                      "log_odds_ratio": jnp.sum(jax.nn.log_sigmoid(odds) * present)}
-        return {**extra,"loss": total, "weight": present.sum(), "pair_loss": pair_loss,
+        return {**extra, "loss": total, "weight": present.sum(), "pair_loss": pair_loss,
                 "rewards_chosen": jnp.sum(reward_c * present), "rewards_rejected": jnp.sum(reward_r * present),
                 "rewards_correct": jnp.sum(won * present), "logps_chosen": jnp.sum(logp_c * present),
                 "logps_rejected": jnp.sum(logp_r * present), "nll_chosen": nll_chosen,
                 "logps_correct": jnp.sum((logp_c > logp_r) * present),
                 "chosen_tokens": is_chosen.sum(), "chosen_correct": jnp.sum(correct * is_chosen),
-                "task_loss": by_task(loss), "task_pairs": by_task(jnp.ones_like(loss)), "task_correct": by_task(won)}
+                **task_sums(batch, present, len(self.tasks), loss, won)}
 
     def metrics(self, sums):
         pairs = sums["weight"]
@@ -241,9 +239,7 @@ class DPO(Objective):
         if self.settings.loss_type == "orpo":  # TRL's names: log_odds_ratio is the mean log sigmoid(log odds)
             out["log_odds_ratio"] = ratio(sums["log_odds_ratio"], pairs)
             out["log_odds_chosen"] = ratio(sums["log_odds"], pairs)
-        out.update(per_task("loss", ratio(sums["task_loss"], sums["task_pairs"]), self.tasks))
-        out.update(per_task("accuracies", ratio(sums["task_correct"], sums["task_pairs"]), self.tasks))
-        out.update(per_task("pairs", sums["task_pairs"], self.tasks))
+        out.update(task_metrics(sums, self.tasks, "accuracies"))
         return out
 
 

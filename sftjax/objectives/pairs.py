@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sftjax.objectives.base import Batch
+from sftjax.objectives.base import Batch, per_task, ratio
 
 _MIN_PAIR_SLOTS = 4
 
@@ -81,3 +81,23 @@ def pair_totals(batch: Batch, whole_sequence: bool = False) -> dict[str, jax.Arr
     tokens = has_target(batch["segment_ids"]) if whole_sequence else batch["loss_mask"] > 0
     return {"pairs": jnp.sum(chosen & (batch["positions"] == 0)).astype(jnp.float32),
             "chosen_tokens": jnp.sum(tokens & chosen).astype(jnp.float32)}
+
+
+def pairs_present(batch: Batch) -> jax.Array:
+    """[P] float32: 1 for the pair slots that hold a pair (their chosen sequence has a last token), 0 for padding."""
+    return (chosen_rejected(batch["sequence_last"])[0] >= 0).astype(jnp.float32)
+
+
+def task_sums(batch: Batch, present: jax.Array, num_tasks: int, loss: jax.Array, correct: jax.Array) -> dict:
+    """Per-task sums [num_tasks] of per-pair loss and correct [P] (a pair's task: its chosen sequence's)."""
+    last = jnp.maximum(chosen_rejected(batch["sequence_last"])[0], 0)
+    task = jnp.clip(batch["task_ids"].reshape(-1)[last], 0, num_tasks - 1)  # [P]
+    by_task = lambda x: jax.ops.segment_sum(x * present, task, num_tasks)  # noqa: E731
+    return {"task_loss": by_task(loss), "task_pairs": by_task(jnp.ones_like(loss)), "task_correct": by_task(correct)}
+
+
+def task_metrics(sums: dict, tasks: tuple[str, ...], accuracy: str) -> dict:
+    """<task>/loss, <task>/<accuracy> and <task>/pairs from `task_sums`."""
+    return {**per_task("loss", ratio(sums["task_loss"], sums["task_pairs"]), tasks),
+            **per_task(accuracy, ratio(sums["task_correct"], sums["task_pairs"]), tasks),
+            **per_task("pairs", sums["task_pairs"], tasks)}

@@ -30,8 +30,9 @@ from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
 from sftjax.model.layers import linear
 from sftjax.model.transformer import hidden_states
-from sftjax.objectives.base import Batch, Context, Objective, Params, per_task, ratio
-from sftjax.objectives.pairs import chosen_rejected, per_sequence, with_sequences
+from sftjax.objectives.base import Batch, Context, Objective, Params, ratio
+from sftjax.objectives.pairs import (chosen_rejected, pairs_present, per_sequence, task_metrics, task_sums,
+                                     with_sequences)
 
 NAME = "reward"
 PAIRS = True  # trains on preference pairs (the main job then uses the built-in tasks' preference versions)
@@ -83,25 +84,19 @@ class Reward(Objective):
         r_c, r_r = chosen_rejected(sequence_rewards(self.cfg, params, batch, rng))
         slots = batch["sequence_last"].shape[-1]
         margin = chosen_rejected(per_sequence(batch["margins"], batch["seq_index"], slots))[0]
-        present = (chosen_rejected(batch["sequence_last"])[0] >= 0).astype(jnp.float32)
+        present = pairs_present(batch)
         loss = bradley_terry(r_c, r_r, margin, self.settings.center_rewards_coefficient or 0.0)
         won = (r_c > r_r).astype(jnp.float32)
-        last = jnp.maximum(chosen_rejected(batch["sequence_last"])[0], 0)
-        task = jnp.clip(batch["task_ids"].reshape(-1)[last], 0, len(self.tasks) - 1)
-        by_task = lambda x: jax.ops.segment_sum(x * present, task, len(self.tasks))  # noqa: E731
         return {"loss": jnp.sum(loss * present), "weight": present.sum(), "correct": jnp.sum(won * present),
                 "margin": jnp.sum((r_c - r_r) * present), "rewards_chosen": jnp.sum(r_c * present),
-                "rewards_rejected": jnp.sum(r_r * present), "task_loss": by_task(loss),
-                "task_pairs": by_task(jnp.ones_like(loss)), "task_correct": by_task(won)}
+                "rewards_rejected": jnp.sum(r_r * present), **task_sums(batch, present, len(self.tasks), loss, won)}
 
     def metrics(self, sums):
         pairs = sums["weight"]
         out = {"loss": ratio(sums["loss"], pairs), "accuracy": ratio(sums["correct"], pairs),
                "margin": ratio(sums["margin"], pairs), "rewards/chosen": ratio(sums["rewards_chosen"], pairs),
                "rewards/rejected": ratio(sums["rewards_rejected"], pairs), "pairs": pairs}
-        out.update(per_task("loss", ratio(sums["task_loss"], sums["task_pairs"]), self.tasks))
-        out.update(per_task("accuracy", ratio(sums["task_correct"], sums["task_pairs"]), self.tasks))
-        out.update(per_task("pairs", sums["task_pairs"], self.tasks))
+        out.update(task_metrics(sums, self.tasks, "accuracy"))
         return out
 
 

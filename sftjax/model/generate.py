@@ -48,12 +48,12 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(cfg: ModelConfig, params: Params, tokens, segment_ids, positions, eos_ids, pad_id, seed, *,
-              max_new_tokens: int, temperature: float, top_k: int, top_p: float):
-    """tokens / segment_ids / positions [B, P] (left-padded) -> (new tokens [B, max_new_tokens], lengths [B])."""
+def sample_loop(cfg: ModelConfig, params: Params, tokens, segment_ids, positions, eos_ids, pad_id, key, *,
+                max_new_tokens: int, temperature: float, top_k: int, top_p: float):
+    """tokens / segment_ids / positions [B, P] (left-padded) -> (new tokens [B, max_new_tokens], lengths [B]).
+
+    Traceable (the RL rollout runs it inside its pmapped sampler); token i is drawn with fold_in(key, i)."""
     B, P = tokens.shape
-    key = jax.random.key(seed)
     cache = init_cache(cfg, B, P + max_new_tokens)
     logits, cache = forward_cached(cfg, params, tokens, cache, segment_ids, positions)
     first = sample_logits(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, top_p)
@@ -79,6 +79,26 @@ def _generate(cfg: ModelConfig, params: Params, tokens, segment_ids, positions, 
     state = (jnp.zeros((), jnp.int32), first, done, out, lengths, cache, next_pos)
     _, _, _, out, lengths, _, _ = jax.lax.while_loop(cond, body, state)
     return out, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p"))
+def _generate(cfg: ModelConfig, params: Params, tokens, segment_ids, positions, eos_ids, pad_id, seed, **settings):
+    return sample_loop(cfg, params, tokens, segment_ids, positions, eos_ids, pad_id, jax.random.key(seed), **settings)
+
+
+def left_padded(prompts: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, segment_ids, positions) [B, length] of prompts left-padded to `length` (segment id 0 on padding,
+    positions counting real tokens only)."""
+    B = len(prompts)
+    tokens = np.full((B, length), pad, np.int32)
+    segment_ids = np.zeros((B, length), np.int32)
+    positions = np.zeros((B, length), np.int32)
+    for b, prompt in enumerate(prompts):
+        n = len(prompt)
+        tokens[b, length - n:] = prompt
+        segment_ids[b, length - n:] = 1
+        positions[b, length - n:] = np.arange(n)
+    return tokens, segment_ids, positions
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
@@ -117,14 +137,7 @@ def generate(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
     B = len(prompts)
     P = -(-max(prompt_len, *(len(p) for p in prompts)) // _PROMPT_BUCKET) * _PROMPT_BUCKET
-    tokens = np.full((B, P), pad, np.int32)
-    segment_ids = np.zeros((B, P), np.int32)
-    positions = np.zeros((B, P), np.int32)
-    for b, prompt in enumerate(prompts):
-        n = len(prompt)
-        tokens[b, P - n:] = prompt
-        segment_ids[b, P - n:] = 1
-        positions[b, P - n:] = np.arange(n)
+    tokens, segment_ids, positions = left_padded(prompts, P, pad)
     out, lengths = _generate(cfg, params, tokens, segment_ids, positions,
                              np.asarray(eos if eos else (-1,), np.int32), np.int32(pad), np.uint32(seed),
                              max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),

@@ -52,7 +52,7 @@ from sftjax.model.config import ModelConfig
 
 Params = dict[str, Any]
 Batch = dict[str, Any]
-_NOT_OBJECTIVES = ("base", "pairs")  # modules of this package that are not objectives
+_NOT_OBJECTIVES = ("base", "pairs", "rl")  # modules of this package that are not objectives
 
 
 @dataclasses.dataclass(frozen=True)

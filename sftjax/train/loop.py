@@ -6,6 +6,10 @@ Exact resume: a checkpoint holds the train state (trainable weights, optimizer s
 the data iterator state, the early-stopping state, the resolved config and the fingerprint of the base weights.
 Batches depend only on the iterator state and the step's randomness only on (rng, step), so a run killed at any
 moment and resumed from its latest checkpoint computes exactly the steps the uninterrupted run computes.
+
+RL objectives (grpo, ppo) draw their batches from rollouts (`train/rollout.py`) instead of the data iterator and
+are evaluated by generation on held-out prompts (`train/rl_eval.py`); their checkpoints fall between rollouts (a
+save that falls due inside one waits for its end), so they resume exactly too.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from sftjax.config import TrainConfig, validate
 from sftjax.data.augment import prompt_noise
 from sftjax.data.pipeline import DataIterator
 from sftjax.errors import UserError
+from sftjax.objectives import base as objectives
 from sftjax.objectives.base import Objective
 from sftjax.train import evaluate
 from sftjax.train.checkpoint import Checkpointer, check_base, check_references
 from sftjax.train.metrics import MetricsWriter, Progress
 from sftjax.train.optim import make_optimizer, schedule
-from sftjax.train.setup import (build_data, build_model, build_objective, build_references, build_tokenizer,
-                                check_data, describe_model, run_trainable, with_labels)
+from sftjax.train.setup import (build_data, build_model, build_objective, build_prompts, build_references,
+                                build_tokenizer, check_data, describe_model, run_trainable, with_labels)
 from sftjax.train.state import device_mesh, init_state, merge_params, replicate, unreplicate
 from sftjax.train.step import compile_steps
 
@@ -76,6 +81,49 @@ def _first_replica(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
 
+class _Batches:
+    """The SFT batch source: the data iterator (with prompt noise and the objective's host preparation)."""
+
+    at_boundary = True
+    metrics: dict[str, float] = {}
+
+    def __init__(self, iterator: DataIterator, cfg: TrainConfig, objective: Objective):
+        self.iterator, self.cfg, self.objective = iterator, cfg, objective
+        self.noise = np.array([d.prompt_noise for d in cfg.data.train], np.float64)  # per task id (data.train order)
+
+    def state(self) -> dict[str, Any]:
+        return self.iterator.state()
+
+    def next(self, state, frozen, refs, step: int) -> tuple[dict[str, np.ndarray], int]:
+        t = self.cfg.trainer
+        return _next_batch(self.iterator, t.grad_accum, self.noise, np.random.default_rng([t.seed, step]),
+                           self.objective)
+
+
+def _rl_source(cfg: TrainConfig, objective, model_cfg, tokenizer, devices: int):
+    """(Rollouts, held-out prompts or None, rewards, a log line) of an RL run."""
+    from sftjax.train.rewards import build_rewards
+    from sftjax.train.rollout import Rollouts
+
+    s, t = objective.settings, cfg.trainer
+    if jax.process_count() > 1:
+        raise UserError(f"objective={objective.name}: RL runs on one host (of {jax.process_count()} processes)")
+    rows = t.batch_size * t.grad_accum * s.minibatches
+    if rows % s.num_generations:
+        raise UserError(f"objective.num_generations={s.num_generations}: a rollout of trainer.batch_size x "
+                        f"trainer.grad_accum x objective.minibatches = {rows} completions must hold whole groups "
+                        "(a multiple of num_generations)")
+    train, held, stats = build_prompts(cfg, tokenizer, s.max_new_tokens)
+    rewards = build_rewards(s.rewards, s.weights, tokenizer, train + (held or []))
+    source = Rollouts(objective, model_cfg, tokenizer, train, rewards, devices, t.batch_size, t.grad_accum,
+                      cfg.data.seed, t.seed)
+    line = ", ".join(f"{st.name} {st.kept} prompts" + (f" ({st.truncated} truncated, {st.dropped} dropped)"
+                                                       if st.truncated or st.dropped else "") for st in stats)
+    line += f"; rollouts of {rows // s.num_generations} prompts x {s.num_generations} completions, rows of " \
+            f"{source.T} tokens, {s.steps_per_rollout} step(s) each"
+    return source, held, rewards, line
+
+
 def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None) -> dict[str, float]:
     """Train as `cfg` says; return the final metrics, with "metric" = trainer.best_metric (for sweeps)."""
     t, o = cfg.trainer, cfg.optim
@@ -90,9 +138,14 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     model = build_model(cfg)
     model_cfg, frozen, base_fingerprint = model.cfg, model.frozen, model.fingerprint
     tokenizer = build_tokenizer(cfg, model_cfg)
-    train_data, eval_data = build_data(cfg, tokenizer, devices)
-    objective = build_objective(cfg, model_cfg, train_data.labels)
-    check_data(objective, train_data)
+    rl = getattr(objectives.module(cfg.objective.get("name", "sft")), "ROLLOUTS", False)
+    if rl:
+        objective = build_objective(cfg, model_cfg)
+        train_data = eval_data = None
+    else:
+        train_data, eval_data = build_data(cfg, tokenizer, devices)
+        objective = build_objective(cfg, model_cfg, train_data.labels)
+        check_data(objective, train_data)
     objective, refs, reference_fingerprints, (train_data, eval_data) = build_references(
         cfg, model, objective, tokenizer, [train_data, eval_data])
     trainable = run_trainable(model, objective, t.seed)
@@ -101,7 +154,12 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     p_train, p_eval = compile_steps(objective, optimizer, lr_schedule, devices)
     mesh = device_mesh(devices)
 
-    keep_best = t.keep_best if eval_data is not None or not t.best_metric.startswith("eval/") else 0
+    if rl:
+        source, eval_prompts, rewards, data_line = _rl_source(cfg, objective, model_cfg, tokenizer, devices)
+        if t.best_metric == "eval/loss":  # the default, which an RL run does not measure
+            t = dataclasses.replace(t, best_metric="eval/reward", best_mode="max")
+    has_eval = (eval_prompts is not None) if rl else eval_data is not None
+    keep_best = t.keep_best if has_eval or not t.best_metric.startswith("eval/") else 0
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_last, keep_best=keep_best,
                                 best_metric=t.best_metric if keep_best else None, best_mode=t.best_mode)
     stopper = EarlyStopping(t.best_mode, t.patience, t.min_delta)
@@ -124,21 +182,27 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     frozen_r = replicate(frozen, mesh)
     refs_r = replicate(refs, mesh)
     del refs  # the replicated copies are the ones the steps read
-    iterator = DataIterator(train_data, devices=devices, process_index=jax.process_index(),
-                            process_count=jax.process_count(), state=data_state)
+    if rl:
+        source.restore(data_state)
+    else:
+        data_line = ", ".join(f"{s.name} {s.kept}" for s in train_data.stats)
+        source = _Batches(DataIterator(train_data, devices=devices, process_index=jax.process_index(),
+                                       process_count=jax.process_count(), state=data_state), cfg, objective)
     metrics_writer = MetricsWriter(run_dir, resume_step=start)  # drops lines a killed run wrote after `start`
-    config_dump = with_labels(resolved_config or dataclasses.asdict(cfg), train_data.labels)
+    config_dump = with_labels(resolved_config or dataclasses.asdict(cfg), () if rl else train_data.labels)
     (run_dir / "config.json").write_text(json.dumps(config_dump, indent=2, default=str) + "\n")
     for line in describe_model(cfg, model):
         log.info("%s", line)
     extra = {k: v for k, v in trainable.items() if k not in model.trainable}
     log.info("objective %s%s", objective.name, f": {sum(x.size for x in jax.tree.leaves(extra)):,} parameters of its "
              f"own ({', '.join(extra)}), trained and saved with the model" if extra else "")
-    log.info("data: %s; run dir %s", ", ".join(f"{s.name} {s.kept}" for s in train_data.stats), run_dir)
+    log.info("data: %s; run dir %s", data_line, run_dir)
 
     def run_eval(step: int) -> dict[str, float]:
-        if eval_data is None:
+        if not has_eval:
             return {}
+        if rl:
+            return run_rl_eval(step)
         result = evaluate.teacher_forced(p_eval, objective, state["trainable"], frozen_r, refs_r, eval_data, devices,
                                          t.eval_batches)
         if t.num_samples:
@@ -150,26 +214,37 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
         metrics_writer.write(step, result, split="eval")
         return {f"eval/{k}": v for k, v in result.items()}
 
+    def run_rl_eval(step: int) -> dict[str, float]:
+        from sftjax.train.rl_eval import evaluate_prompts
+
+        s = objective.settings
+        params_now = merge_params(frozen, _first_replica(state["trainable"]))
+        result, samples = evaluate_prompts(model_cfg, params_now, tokenizer, eval_prompts, list(objective.tasks),
+                                           rewards if s.eval_reward else None, s.max_new_tokens, t.num_samples)
+        for i, sample in enumerate(samples):
+            metrics_writer.write_text(step, f"sample/{i}", json.dumps(sample, ensure_ascii=False))
+        metrics_writer.write(step, result, split="eval")
+        return {f"eval/{k}": v for k, v in result.items()}
+
     def save(step: int, metrics: dict[str, float]) -> None:
-        extras = {"data_state": iterator.state(), "early_stopping": dataclasses.asdict(stopper),
+        extras = {"data_state": source.state(), "early_stopping": dataclasses.asdict(stopper),
                   "config": config_dump, "base_fingerprint": base_fingerprint,
                   "reference_fingerprints": reference_fingerprints, "metrics": metrics}
         checkpointer.save(step, unreplicate(state), extras, metrics)
 
-    noise = np.array([d.prompt_noise for d in cfg.data.train], np.float64)  # per task id (data.train order)
     progress = Progress(t.max_steps, start, force=None if t.progress else False)
     last: dict[str, float] = {}
-    step, stop_early = start, False
+    step, stop_early, save_due = start, False, False
     window_tokens, window_start = 0, time.perf_counter()
     try:
         while step < t.max_steps and not stop_early:
-            batch, tokens = _next_batch(iterator, t.grad_accum, noise, np.random.default_rng([t.seed, step]),
-                                        objective)
+            batch, tokens = source.next(state, frozen_r, refs_r, step)
             state, step_metrics = p_train(state, frozen_r, refs_r, batch)
             step += 1
             window_tokens += tokens
-            is_eval = eval_data is not None and t.eval_every and step % t.eval_every == 0
-            is_save = t.save_every and step % t.save_every == 0
+            is_eval = has_eval and t.eval_every and step % t.eval_every == 0
+            save_due = save_due or bool(t.save_every and step % t.save_every == 0)
+            is_save = save_due and source.at_boundary  # RL: never inside a rollout
             if step % t.log_every == 0 or is_eval or is_save or step == t.max_steps:
                 host = {k: float(v[0]) for k, v in step_metrics.items()}
                 if not host.pop("finite"):
@@ -178,6 +253,7 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
                                            f"last good state (lower optim.lr or set optim.max_grad_norm)")
                 elapsed = time.perf_counter() - window_start
                 host["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                host.update(source.metrics)  # RL: the last rollout's rewards, lengths and timings
                 window_tokens, window_start = 0, time.perf_counter()
                 metrics_writer.write(step, host, split="train")
                 progress.update(step, host["loss"], host["tokens_per_s"])
@@ -191,7 +267,8 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
                                  step, t.best_metric, t.patience, stopper.best)
             if is_save:
                 save(step, last)
-        if eval_data is not None and not (t.eval_every and step % t.eval_every == 0):
+                save_due = False
+        if has_eval and not (t.eval_every and step % t.eval_every == 0):
             last.update(run_eval(step))
         if checkpointer.latest_step() != step:
             save(step, last)

@@ -170,6 +170,47 @@ def build_data(cfg: TrainConfig, tokenizer: Tokenizer, devices: int) -> tuple[Pr
     return train, None
 
 
+def build_prompts(cfg: TrainConfig, tokenizer: Tokenizer, max_new_tokens: int):
+    """(train prompts, held-out prompts or None, [PromptStats]) of an RL run: the prompt side of data.train /
+    data.eval (or data.eval_fraction of each training dataset, held out by a seeded permutation), each prompt
+    fitted to data.seq_len - max_new_tokens tokens by data.over_long."""
+    from sftjax.data.prompts import read_prompts
+
+    budget = cfg.data.seq_len - max_new_tokens
+    if budget < 1:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len}: leaves no room for a prompt before "
+                          f"objective.max_new_tokens={max_new_tokens} new tokens")
+    names = task_names(cfg)
+
+    def read(sections):
+        out, stats = [], []
+        for i, (s, name) in enumerate(zip(sections, names)):
+            prompts, st = read_prompts(s.path, i, name, tokenizer, budget, cfg.data.over_long, s.format, s.as_chat)
+            out.append(prompts)
+            stats.append(st)
+        return out, stats
+
+    train, stats = read(cfg.data.train)
+    held = None
+    if cfg.data.eval:
+        if len(cfg.data.eval) != len(cfg.data.train):
+            raise ConfigError(f"data.eval: {len(cfg.data.eval)} datasets for {len(cfg.data.train)} training tasks; "
+                              "give one held-out dataset per training dataset, in the same order")
+        held = [p for task in read(cfg.data.eval)[0] for p in task]
+    elif cfg.data.eval_fraction > 0:
+        kept, held = [], []
+        for task, prompts in enumerate(train):
+            k = math.ceil(cfg.data.eval_fraction * len(prompts))
+            if k >= len(prompts):
+                raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction}: holding out {k} of the "
+                                  f"{len(prompts)} prompts of {stats[task].path} leaves nothing to train on")
+            order = np.random.default_rng([cfg.data.seed, task]).permutation(len(prompts))
+            held += [prompts[i] for i in sorted(order[:k])]
+            kept.append([prompts[i] for i in sorted(order[k:])])
+        train = kept
+    return [p for task in train for p in task], held, stats
+
+
 def task_names(cfg: TrainConfig) -> tuple[str, ...]:
     """The tasks of data.train in order: their names, or file stems (as the pipeline names them)."""
     return tuple(s.name or Path(s.path).stem for s in cfg.data.train)

@@ -1,0 +1,211 @@
+"""RL rollouts inside training: prompts -> sampled completions -> rewards -> rows the train step trains on.
+
+One rollout (iteration k) takes the next N / G prompts of the prompt stream (a seeded permutation per epoch over
+every prompt of data.train), samples G completions of each with the policy as it is now (the KV-cache sampler of
+`model/generate.py`, pmapped: each device samples N / devices rows), scores them (`train/rewards.py`, on the host),
+and lays each prompt + completion into its own row of T tokens (the packing layout of `data/packing.py`:
+tokens, targets, loss_mask on the completion's tokens, segment_ids, positions, task_ids). The objective's `score`
+(compiled, no gradient) adds the reference's and the sampling policy's per-token log-probabilities (and PPO's values)
+and its `advantages` (host) the rest. The rollout then feeds `epochs` x `minibatches` optimizer steps, each a
+[devices, grad_accum, b, T] batch of N / minibatches rows (rows reshuffled every epoch).
+
+    N = trainer.batch_size x trainer.grad_accum x objective.minibatches      (a multiple of G)
+    T = longest prompt (rounded up to 16) + max_new_tokens
+
+Randomness and resume: the sampling key of rollout k on device d is fold_in(fold_in(fold_in(rng, TAG), k), d)
+(rng: the train state's), the prompt order depends only on data.seed, and the row order of epoch e on (seed, k, e).
+Checkpoints are written only between rollouts, with the stream's position, so a run resumed from any of them
+samples, scores and trains exactly what the uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from sftjax.data.prompts import Prompt
+from sftjax.data.tokenizer import Tokenizer
+from sftjax.model.config import ModelConfig
+from sftjax.model.generate import left_padded, sample_loop
+from sftjax.objectives.rl import RLObjective
+from sftjax.train.rewards import Rewards
+from sftjax.train.state import merge_params
+
+TAG = 0x5A4D  # fold_in tag of the sampling keys: apart from the dropout keys fold_in(rng, step)
+BUCKET = 16  # prompt and row lengths are rounded up to a multiple of this (few compiled shapes)
+_STATE_VERSION = 1
+
+
+def round_up(n: int, k: int = BUCKET) -> int:
+    return -(-n // k) * k
+
+
+def completion_rows(prompts: list[np.ndarray], completions: list[np.ndarray], tasks: list[int], T: int,
+                    pad: int) -> dict[str, np.ndarray]:
+    """Rows [N, T] of prompt + completion, one per row, right-padded: loss_mask is 1 where targets[t] is a completion
+    token (t from len(prompt) - 1), segment id 1 on real tokens."""
+    N = len(prompts)
+    rows = {"tokens": np.full((N, T), pad, np.int32), "targets": np.full((N, T), pad, np.int32),
+            "loss_mask": np.zeros((N, T), np.float32), "segment_ids": np.zeros((N, T), np.int32),
+            "positions": np.zeros((N, T), np.int32), "task_ids": np.full((N, T), -1, np.int32)}
+    for i, (p, c, task) in enumerate(zip(prompts, completions, tasks)):
+        seq = np.concatenate([p, c]).astype(np.int32)
+        L = len(seq)
+        rows["tokens"][i, :L] = seq
+        rows["targets"][i, :L - 1] = seq[1:]
+        rows["loss_mask"][i, len(p) - 1:L - 1] = 1.0
+        rows["segment_ids"][i, :L] = 1
+        rows["positions"][i, :L] = np.arange(L)
+        rows["task_ids"][i, :L] = task
+    return rows
+
+
+def _sample(trainable, frozen, tokens, segment_ids, positions, rng, iteration, *, cfg, eos, pad, s):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), TAG), iteration),
+                             jax.lax.axis_index("data"))
+    return sample_loop(cfg, merge_params(frozen, trainable), tokens, segment_ids, positions, eos, pad, key,
+                       max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+
+
+def _score(trainable, frozen, refs, rows, *, objective):
+    return objective.score(merge_params(frozen, trainable), refs, rows)
+
+
+def text_of(tokenizer: Tokenizer, ids) -> str:
+    """A completion's text: up to its EOS, special tokens left out."""
+    ids = list(ids)
+    if tokenizer.eos_id is not None and tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """The batch source of an RL run (the loop's DataIterator for SFT): `next(state, frozen, refs)`."""
+
+    objective: RLObjective
+    model_cfg: ModelConfig  # the policy as trained
+    tokenizer: Tokenizer
+    prompts: list[Prompt]
+    rewards: Rewards
+    devices: int
+    batch_size: int  # trainer.batch_size: global rows per micro-batch
+    grad_accum: int
+    data_seed: int
+    seed: int
+
+    def __post_init__(self):
+        s = self.objective.settings
+        self.rows_per_step = self.batch_size * self.grad_accum
+        self.N = self.rows_per_step * s.minibatches
+        self.P = round_up(max(len(p.ids) for p in self.prompts))
+        self.T = round_up(self.P + s.max_new_tokens)
+        self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.model_cfg.pad_token_id or 0)
+        self.eos = np.asarray([self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else [-1], np.int32)
+        devices = jax.local_devices()[:self.devices]
+        self._p_sample = jax.pmap(functools.partial(_sample, cfg=self.model_cfg, eos=self.eos, pad=self.pad, s=s),
+                                  axis_name="data", devices=devices, in_axes=(0, 0, 0, 0, 0, 0, None))
+        self._p_score = jax.pmap(functools.partial(_score, objective=self.objective), axis_name="data",
+                                 devices=devices)
+        self.epoch = self.position = self.iteration = 0
+        self._queue: list[dict[str, np.ndarray]] = []
+        self.metrics: dict[str, float] = {}
+
+    # -- the prompt stream ------------------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.data_seed, epoch]).permutation(len(self.prompts))
+
+    def _take(self, n: int) -> list[Prompt]:
+        out = []
+        while len(out) < n:
+            order = self._order(self.epoch)
+            chunk = order[self.position:self.position + n - len(out)]
+            out += [self.prompts[i] for i in chunk]
+            self.position += len(chunk)
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        """Continue from the stream position a checkpoint saved (None: from the start)."""
+        if state is not None:
+            self.epoch, self.position, self.iteration = state["epoch"], state["position"], state["iteration"]
+
+    def state(self) -> dict[str, Any]:
+        """Where the stream stands (JSON; valid between rollouts, where checkpoints are written)."""
+        return {"version": _STATE_VERSION, "epoch": self.epoch, "position": self.position,
+                "iteration": self.iteration}
+
+    @property
+    def at_boundary(self) -> bool:
+        """No rollout half trained: a checkpoint written now resumes exactly."""
+        return not self._queue
+
+    # -- one rollout -----------------------------------------------------------------------------------------
+
+    def _by_device(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(self.devices, -1, *x.shape[1:])
+
+    def _rollout(self, state, frozen, refs) -> None:
+        s = self.objective.settings
+        G = s.num_generations
+        prompts = [p for p in self._take(self.N // G) for _ in range(G)]  # the G samples of a prompt: adjacent
+        tokens, segments, positions = left_padded([p.ids for p in prompts], self.P, self.pad)
+        start = time.perf_counter()
+        out, lengths = self._p_sample(state["trainable"], frozen, *map(self._by_device, (tokens, segments, positions)),
+                                      state["rng"], np.int32(self.iteration))
+        out, lengths = np.asarray(out).reshape(self.N, -1), np.asarray(lengths).reshape(-1)
+        generated = time.perf_counter()
+        completions = [out[i, :lengths[i]] for i in range(self.N)]
+        texts = [text_of(self.tokenizer, c) for c in completions]
+        rewards, each, reward_s = self.rewards.timed(prompts, texts)
+        rows = completion_rows([p.ids for p in prompts], completions, [p.task for p in prompts], self.T, self.pad)
+        scoring = time.perf_counter()
+        scored = self._p_score(state["trainable"], frozen, refs, {k: self._by_device(v) for k, v in rows.items()})
+        rows.update({k: np.asarray(v, np.float32).reshape(self.N, self.T) for k, v in scored.items()})
+        rows.update(self.objective.advantages(rows, rewards.astype(np.float32)))
+        score_s = time.perf_counter() - scoring
+        self._queue = self._minibatches(rows)
+        self.metrics = self._rollout_metrics(rewards, each, completions, generated - start, reward_s, score_s)
+        self.iteration += 1
+
+    def _minibatches(self, rows: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        s = self.objective.settings
+        out = []
+        for epoch in range(s.epochs):
+            order = np.random.default_rng([self.seed, self.iteration, epoch]).permutation(self.N)
+            for m in range(s.minibatches):
+                index = order[m * self.rows_per_step:(m + 1) * self.rows_per_step]
+                out.append({k: v[index].reshape(self.devices, self.grad_accum, -1, *v.shape[1:])
+                            for k, v in rows.items()})
+        return out
+
+    def _rollout_metrics(self, rewards, each, completions, generate_s, reward_s, score_s) -> dict[str, float]:
+        G = self.objective.settings.num_generations
+        groups = rewards.reshape(-1, G)
+        group_std = groups.std(axis=1, ddof=1) if G > 1 else np.zeros(len(groups))
+        lengths = np.array([len(c) for c in completions])
+        eos_ended = np.array([self.tokenizer.eos_id is not None and self.tokenizer.eos_id in c.tolist()
+                              for c in completions])
+        out = {"reward": float(rewards.mean()), "reward_std": float(group_std.mean()),
+               "frac_reward_zero_std": float(np.isclose(group_std, 0.0).mean()),
+               "completions/mean_length": float(lengths.mean()),
+               "completions/clipped_ratio": float(1.0 - eos_ended.mean()),
+               "rollout/generate_s": generate_s, "rollout/reward_s": reward_s, "rollout/score_s": score_s,
+               "rollout/generated_tokens_per_s": float(lengths.sum() / max(generate_s, 1e-9))}
+        out.update({f"rewards/{name}": float(v.mean()) for name, v in each.items()})
+        return out
+
+    def next(self, state, frozen, refs, step: int = 0) -> tuple[dict[str, np.ndarray], int]:
+        """The next step's batch [devices, grad_accum, b, T] (a new rollout when the last one is used up) and its
+        completion-token count."""
+        if not self._queue:
+            self._rollout(state, frozen, refs)
+        batch = self._queue.pop(0)
+        return batch, int(batch["loss_mask"].sum())

@@ -6,7 +6,8 @@
 
 A task is one dataset, named by its file stem. Teacher-forced metrics are the run's objective's (SFT: means over the
 trained tokens, the loss mask of training; a head task: its head's loss and accuracy per example; distillation also
-the divergence from the teacher), every example counted once; exact match compares the greedy continuation of each
+the divergence from the teacher; an RL run, grpo or ppo, is scored as a language model: SFT's metrics of the
+reference completions), every example counted once; exact match compares the greedy continuation of each
 example's prompt (its tokens before the first trained one), cut at EOS, with the trained tokens, both decoded and
 stripped (text tasks only).
 
@@ -38,6 +39,7 @@ from sftjax.data.tokenizer import Tokenizer
 from sftjax.errors import UserError
 from sftjax.model.config import PRESETS
 from sftjax.train import evaluate
+from sftjax.objectives import base as objectives
 from sftjax.train.setup import (build_data, build_model, build_objective, build_references, build_tokenizer,
                                 check_data, restore_checkpoint, task_names)
 from sftjax.train.state import merge_params
@@ -122,6 +124,8 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
     step = None
     if args.run:
         trainable, step = restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
+    if getattr(objectives.module(data_cfg.objective.get("name", "sft")), "ROLLOUTS", False):
+        data_cfg = dataclasses.replace(data_cfg, objective={"name": "sft"})  # an RL run: scored as a language model
     objective = build_objective(data_cfg, model_cfg, data.labels)
     names = task_names(data_cfg)  # the run's task names for its eval split (metrics are keyed by them), or --data's
     check_data(objective, data)

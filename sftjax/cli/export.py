@@ -161,6 +161,7 @@ def export_run(args: argparse.Namespace) -> str:
                         "train one with objective=reward")
     if is_reward:
         classes[REWARD_HEAD] = ["LABEL_0"]
+    heads = {k: v for k, v in heads.items() if k in classes}  # PPO's value head serves training only
     if args.head and args.head not in heads:
         raise UserError(f"--head {args.head}: run {args.run} has no head of that name (its heads: "
                         f"{', '.join(heads) or 'none'})")

@@ -9,6 +9,10 @@ built-in parts on, independently:
 so `sftjax-train model=path/to/hf_dir` fine-tunes your model on the built-in tasks and reports, and
 `sftjax-train data=mine.jsonl` fine-tunes the built-in base on your data.
 
+With an RL objective (objective=grpo | ppo) the rollouts sample answers to the built-in tasks' prompts, rewarded by
+exact match with the reference answer (`objective.rewards=[exact_match]`, the default), at most
+builtin.max_new_tokens new tokens each; the report compares the model before and after as for SFT.
+
 With an objective that trains on preference pairs (objective=dpo | reward) the built-in tasks are their preference
 versions (`data/builtin/preference.py`: the right answer chosen, a plausible wrong one rejected; the same splits).
 A DPO run reports as an SFT run does (exact match on the test splits before and after: e.g. an SFT model given as
@@ -112,7 +116,14 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
     own_base = cfg.model.path == "builtin"
     if own_base:
         cfg.model = dataclasses.replace(cfg.model, path=str(built.base_dir))
-    pairs = getattr(objectives.module(cfg.objective.get("name", "sft")), "PAIRS", False)
+    module = objectives.module(cfg.objective.get("name", "sft"))
+    pairs = getattr(module, "PAIRS", False)
+    if tasks and getattr(module, "ROLLOUTS", False):  # RL on the built-in tasks: their answers are a few tokens
+        longest = cfg.builtin.max_new_tokens
+        if cfg.objective.get("max_new_tokens", longest) > longest:
+            log.info("built-in tasks: objective.max_new_tokens=%d (builtin.max_new_tokens: their answers are short)",
+                     longest)
+            cfg.objective = {**cfg.objective, "max_new_tokens": longest}
     if tasks:
         built.tasks = {name: built.tasks[name] for name in cfg.builtin.tasks}  # in that order
         files = {n: t for n, t in built.tasks.items()}

@@ -114,9 +114,12 @@ def _rl_source(cfg: TrainConfig, objective, model_cfg, tokenizer, devices: int):
                         f"trainer.grad_accum x objective.minibatches = {rows} completions must hold whole groups "
                         "(a multiple of num_generations)")
     train, held, stats = build_prompts(cfg, tokenizer, s.max_new_tokens)
-    rewards = build_rewards(s.rewards, s.weights, tokenizer, train + (held or []))
-    source = Rollouts(objective, model_cfg, tokenizer, train, rewards, devices, t.batch_size, t.grad_accum,
-                      cfg.data.seed, t.seed)
+    rewards = build_rewards(s.rewards, s.weights, tokenizer, [p for task in train for p in task] + (held or []))
+    weights = [d.weight for d in cfg.data.train]
+    if any(w is None for w in weights) and not all(w is None for w in weights):
+        raise UserError("data.train[*].weight: give a weight for every dataset or for none")
+    source = Rollouts(objective, model_cfg, tokenizer, train, None if weights[0] is None else weights, rewards,
+                      devices, t.batch_size, t.grad_accum, cfg.data.seed, t.seed)
     line = ", ".join(f"{st.name} {st.kept} prompts" + (f" ({st.truncated} truncated, {st.dropped} dropped)"
                                                        if st.truncated or st.dropped else "") for st in stats)
     line += f"; rollouts of {rows // s.num_generations} prompts x {s.num_generations} completions, rows of " \

@@ -1,13 +1,14 @@
 """RL rollouts inside training: prompts -> sampled completions -> rewards -> rows the train step trains on.
 
-One rollout (iteration k) takes the next N / G prompts of the prompt stream (a seeded permutation per epoch over
-every prompt of data.train), samples G completions of each with the policy as it is now (the KV-cache sampler of
-`model/generate.py`, pmapped: each device samples N / devices rows), scores them (`train/rewards.py`, on the host),
-and lays each prompt + completion into its own row of T tokens (the packing layout of `data/packing.py`:
-tokens, targets, loss_mask on the completion's tokens, segment_ids, positions, task_ids). The objective's `score`
-(compiled, no gradient) adds the reference's and the sampling policy's per-token log-probabilities (and PPO's values)
-and its `advantages` (host) the rest. The rollout then feeds `epochs` x `minibatches` optimizer steps, each a
-[devices, grad_accum, b, T] batch of N / minibatches rows (rows reshuffled every epoch).
+One rollout (iteration k) takes the next N / G prompts of the prompt stream (the datasets of data.train mixed as
+the SFT pipeline mixes them, `data/mixture.py`: with their weights, seeded by data.seed), samples G completions of
+each with the policy as it is now (the KV-cache sampler of `model/generate.py`, pmapped: each device samples
+N / devices rows), scores them (`train/rewards.py`, on the host), and lays each prompt + completion into its own
+row of T tokens (the layout of `data/packing.py`: tokens, targets, loss_mask on the completion's tokens,
+segment_ids, positions, task_ids). The objective's `score` (compiled, no gradient) adds the reference's and the
+sampling policy's per-token log-probabilities (and PPO's values), its `advantages` (host) the rest. The rollout
+then feeds `epochs` x `minibatches` optimizer steps, each a [devices, grad_accum, b, T] batch of N / minibatches
+rows (rows reshuffled every epoch).
 
     N = trainer.batch_size x trainer.grad_accum x objective.minibatches      (a multiple of G)
     T = longest prompt (rounded up to 16) + max_new_tokens
@@ -28,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from sftjax.data.mixture import epoch_order
 from sftjax.data.prompts import Prompt
 from sftjax.data.tokenizer import Tokenizer
 from sftjax.model.config import ModelConfig
@@ -91,7 +93,8 @@ class Rollouts:
     objective: RLObjective
     model_cfg: ModelConfig  # the policy as trained
     tokenizer: Tokenizer
-    prompts: list[Prompt]
+    prompts: list[list[Prompt]]  # per task (data.train order)
+    weights: list[float] | None  # mixture weights (None: proportional to size)
     rewards: Rewards
     devices: int
     batch_size: int  # trainer.batch_size: global rows per micro-batch
@@ -103,7 +106,7 @@ class Rollouts:
         s = self.objective.settings
         self.rows_per_step = self.batch_size * self.grad_accum
         self.N = self.rows_per_step * s.minibatches
-        self.P = round_up(max(len(p.ids) for p in self.prompts))
+        self.P = round_up(max(len(p.ids) for task in self.prompts for p in task))
         self.T = round_up(self.P + s.max_new_tokens)
         self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.model_cfg.pad_token_id or 0)
         self.eos = np.asarray([self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else [-1], np.int32)
@@ -119,14 +122,17 @@ class Rollouts:
     # -- the prompt stream ------------------------------------------------------------------------------------
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.data_seed, epoch]).permutation(len(self.prompts))
+        """[E, 2] (task, prompt index) of mixture epoch `epoch`."""
+        if getattr(self, "_cached", (None,))[0] != epoch:
+            self._cached = (epoch, epoch_order([len(t) for t in self.prompts], self.weights, self.data_seed, epoch))
+        return self._cached[1]
 
     def _take(self, n: int) -> list[Prompt]:
         out = []
         while len(out) < n:
             order = self._order(self.epoch)
             chunk = order[self.position:self.position + n - len(out)]
-            out += [self.prompts[i] for i in chunk]
+            out += [self.prompts[task][i] for task, i in chunk]
             self.position += len(chunk)
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0

@@ -171,7 +171,7 @@ def build_data(cfg: TrainConfig, tokenizer: Tokenizer, devices: int) -> tuple[Pr
 
 
 def build_prompts(cfg: TrainConfig, tokenizer: Tokenizer, max_new_tokens: int):
-    """(train prompts, held-out prompts or None, [PromptStats]) of an RL run: the prompt side of data.train /
+    """(train prompts per task, held-out prompts or None, [PromptStats]) of an RL run: the prompt side of data.train /
     data.eval (or data.eval_fraction of each training dataset, held out by a seeded permutation), each prompt
     fitted to data.seq_len - max_new_tokens tokens by data.over_long."""
     from sftjax.data.prompts import read_prompts
@@ -207,8 +207,9 @@ def build_prompts(cfg: TrainConfig, tokenizer: Tokenizer, max_new_tokens: int):
             order = np.random.default_rng([cfg.data.seed, task]).permutation(len(prompts))
             held += [prompts[i] for i in sorted(order[:k])]
             kept.append([prompts[i] for i in sorted(order[k:])])
+            stats[task].kept = len(kept[-1])
         train = kept
-    return [p for task in train for p in task], held, stats
+    return train, held, stats
 
 
 def task_names(cfg: TrainConfig) -> tuple[str, ...]:

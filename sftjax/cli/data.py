@@ -9,7 +9,9 @@ tokens and trained tokens (mean and max lengths); packing efficiency over one ep
 trained tokens marked as [[...]] (a head task's examples with their label and class index, and its classes with
 the examples of each in the split; a preference pair's chosen and rejected sequences, each with its trained
 completion marked, and the pairs dropped because chosen = rejected or because they do not fit a row); the same for
-the eval split when there is one. `--json` prints one JSON object.
+the eval split when there is one. With an RL objective (objective=grpo | ppo) it shows the prompts the rollouts
+sample from instead: per task, records, kept, truncated and dropped (over data.seq_len - objective.max_new_tokens),
+prompt lengths, and N prompts as the model sees them with their answers. `--json` prints one JSON object.
 Bad input prints one line and exits with 2.
 """
 
@@ -95,9 +97,30 @@ def split_report(prepared: Prepared, tok: Tokenizer, show: int) -> dict:
             "packing_efficiency": round(it.efficiency, 4)}
 
 
+def prompt_report(cfg, tok: Tokenizer, show: int) -> dict:
+    """The prompts of an RL run, per task (and the held-out ones), as the rollouts will see them."""
+    from sftjax.objectives.base import settings
+    from sftjax.train.setup import build_prompts
+
+    train, held, stats = build_prompts(cfg, tok, settings(cfg.objective)[1].max_new_tokens)
+    out = {"tasks": []}
+    for st, prompts in zip(stats, train):
+        lengths = np.array([len(p.ids) for p in prompts])
+        out["tasks"].append({**dataclasses.asdict(st), "mean_tokens": round(float(lengths.mean()), 1),
+                             "max_tokens": int(lengths.max()),
+                             "examples": [{"where": p.where, "prompt": tok.decode(p.ids.tolist()), "answer": p.answer}
+                                          for p in prompts[:show]]})
+    out["held_out"] = len(held) if held is not None else 0
+    return out
+
+
 def report(overrides: list[str], show: int) -> dict:
+    from sftjax.objectives.base import module
+
     cfg = compose_config(overrides)
     tok = build_tokenizer(cfg, model_config(cfg))
+    if getattr(module(cfg.objective.get("name", "sft")), "ROLLOUTS", False):
+        return {"prompts": prompt_report(cfg, tok, show)}
     cfg.trainer.batch_size = 1  # one row per batch: counts rows exactly
     train, held_out = build_data(cfg, tok, devices=1)
     result = {"train": split_report(train, tok, show)}
@@ -107,6 +130,15 @@ def report(overrides: list[str], show: int) -> dict:
 
 
 def print_text(result: dict) -> None:
+    if "prompts" in result:
+        for t in result["prompts"]["tasks"]:
+            print(f"task {t['name']} ({t['path']}): {t['read']} prompts, {t['kept']} kept for training, "
+                  f"{t['truncated']} truncated, {t['dropped']} dropped; tokens per prompt mean {t['mean_tokens']} "
+                  f"max {t['max_tokens']}")
+            for ex in t["examples"]:
+                print(f"  --- {ex['where']} (answer: {ex['answer']!r})\n{ex['prompt']}")
+        print(f"held-out prompts: {result['prompts']['held_out']}")
+        return
     for split, r in result.items():
         print(f"== {split}")
         for t in r["tasks"]:

@@ -63,3 +63,27 @@ def test_preference_pairs_shown_with_both_completions_marked(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 preference pairs, 1 kept, dropped 1 with chosen = rejected + 1 not fitting a row of 128" in out
     assert "chosen:" in out and "rejected:" in out
+
+
+def test_rl_prompts_shown_with_their_answers(tmp_path, capsys):
+    """objective=grpo: the prompts the rollouts sample from (chat prompts with the generation prompt, an SFT file's
+    prompt side), over-long ones truncated or dropped and counted by data.over_long, the held-out count."""
+    tok = make_tokenizer_dir(tmp_path, "qwen_chatml")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": [{"role": "user", "content": "2+2="}], "answer": "4", "source": "x"},
+        {"prompt": [{"role": "user", "content": "word " * 40}], "answer": "long"}])
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Hello", "completion": " world"}] * 4)
+    common = [f"model.tokenizer={tok}", f"data.train=[{{path:'{prompts}'}},{{path:'{pc}'}}]", "objective=grpo",
+              "objective.max_new_tokens=16", "data.seq_len=80", "--json", "--show", "1"]
+    assert main(common + ["data.over_long=drop"]) == 0
+    first, second = json.loads(capsys.readouterr().out)["prompts"]["tasks"]
+    assert (first["read"], first["kept"], first["dropped"], first["truncated"]) == (2, 1, 1, 0)
+    assert first["examples"][0]["prompt"].endswith("2+2=<|im_end|>\n<|im_start|>assistant\n")
+    assert first["examples"][0]["answer"] == "4"
+    assert (second["kept"], second["examples"][0]["answer"]) == (4, " world")
+    assert main(common + ["data.over_long=truncate"]) == 0
+    first = json.loads(capsys.readouterr().out)["prompts"]["tasks"][0]
+    assert (first["kept"], first["truncated"], first["max_tokens"]) == (2, 1, 64)
+    assert main(common[:-3] + ["data.over_long=error"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and f"{prompts}:2: the prompt has" in err, err

@@ -113,6 +113,10 @@ def _rl_source(cfg: TrainConfig, objective, model_cfg, tokenizer, devices: int):
         raise UserError(f"objective.num_generations={s.num_generations}: a rollout of trainer.batch_size x "
                         f"trainer.grad_accum x objective.minibatches = {rows} completions must hold whole groups "
                         "(a multiple of num_generations)")
+    if t.max_steps % s.steps_per_rollout:
+        raise UserError(f"trainer.max_steps={t.max_steps}: must be a multiple of the {s.steps_per_rollout} optimizer "
+                        "steps each rollout feeds (objective.epochs x objective.minibatches), so that the run ends "
+                        "between rollouts")
     train, held, stats = build_prompts(cfg, tokenizer, s.max_new_tokens)
     rewards = build_rewards(s.rewards, s.weights, tokenizer, [p for task in train for p in task] + (held or []))
     weights = [d.weight for d in cfg.data.train]

@@ -90,7 +90,7 @@ class PPO(RLObjective):
         last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # each row's last completion position
         per_token[np.arange(len(mask)), last] += rewards
         if s.whiten_rewards:
-            per_token = masked_whiten(per_token, mask)
+            per_token = masked_whiten(per_token, mask, shift_mean=False)  # as TRL: scaled, mean kept
         adv, returns = gae(per_token, rows["values"] * mask, mask, s.gamma, s.lam)
         return {"advantages": masked_whiten(adv, mask), "returns": returns, "kl_penalty": k1.astype(np.float32)}
 

@@ -165,14 +165,15 @@ def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float,
     return adv.astype(np.float32), ((adv + v) * m).astype(np.float32)
 
 
-def masked_whiten(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def masked_whiten(x: np.ndarray, mask: np.ndarray, shift_mean: bool = True) -> np.ndarray:
     """(x - mean) / sqrt(var + 1e-8) over the masked entries (unbiased variance, as TRL's masked_whiten); 0 off the
-    mask."""
+    mask. shift_mean=False adds the mean back (scaled only: TRL's whitening of PPO's rewards)."""
     m = np.asarray(mask, np.float64)
     n = m.sum()
     mean = (x * m).sum() / max(n, 1.0)
     var = (((x - mean) ** 2) * m).sum() / max(n, 1.0) * (n / (n - 1) if n > 1 else 1.0)
-    return (((x - mean) / np.sqrt(var + WHITEN_EPS)) * m).astype(np.float32)
+    out = (x - mean) / np.sqrt(var + WHITEN_EPS) + (0.0 if shift_mean else mean)
+    return (out * m).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------

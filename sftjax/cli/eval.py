@@ -6,10 +6,11 @@
 
 A task is one dataset, named by its file stem. Teacher-forced metrics are the run's objective's (SFT: means over the
 trained tokens, the loss mask of training; a head task: its head's loss and accuracy per example; distillation also
-the divergence from the teacher; an RL run, grpo or ppo, is scored as a language model: SFT's metrics of the
-reference completions), every example counted once; exact match compares the greedy continuation of each
+the divergence from the teacher), every example counted once; exact match compares the greedy continuation of each
 example's prompt (its tokens before the first trained one), cut at EOS, with the trained tokens, both decoded and
-stripped (text tasks only).
+stripped (text tasks only). An RL run (objective=grpo | ppo) is evaluated as it evaluates itself in training: the
+greedy completion (objective.max_new_tokens) of each held-out prompt, its exact match with the prompt's answer
+where it has one, and the run's reward (`objective.rewards`) of it, per task.
 
 The settings come from the training configuration: with --model, the one `sftjax-train model=<MODEL>` would use;
 with --run, RUN_DIR/config.json, and the weights from RUN_DIR/checkpoints (the latest, --step N or --best),
@@ -40,8 +41,8 @@ from sftjax.errors import UserError
 from sftjax.model.config import PRESETS
 from sftjax.train import evaluate
 from sftjax.objectives import base as objectives
-from sftjax.train.setup import (build_data, build_model, build_objective, build_references, build_tokenizer,
-                                check_data, restore_checkpoint, task_names)
+from sftjax.train.setup import (build_data, build_model, build_objective, build_prompts, build_references,
+                                build_tokenizer, check_data, restore_checkpoint, task_names)
 from sftjax.train.state import merge_params
 
 
@@ -111,12 +112,48 @@ def eval_data(cfg: TrainConfig, tokenizer: Tokenizer, args: argparse.Namespace) 
     return evaluate.one_pass(data, args.max_examples), cfg  # task names are unique: build_data checks
 
 
+def evaluate_rl(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
+    """An RL run's (or a model's, objective=grpo|ppo) greedy completions of held-out prompts: exact match and
+    reward per task (`train/rl_eval.py`)."""
+    from sftjax.train.rewards import build_rewards
+    from sftjax.train.rl_eval import evaluate_prompts
+
+    if args.data:
+        sections = [DatasetSection(path=p, format=args.format, as_chat=args.as_chat) for p in args.data]
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=sections, eval=[], eval_fraction=0))
+    model = build_model(cfg)
+    tokenizer = build_tokenizer(cfg, model.cfg)
+    s = objectives.settings(cfg.objective)[1]
+    train, held, _ = build_prompts(cfg, tokenizer, s.max_new_tokens)
+    prompts = [p for task in train for p in task] if args.data else held
+    if prompts is None:
+        raise UserError(f"--run {args.run}: the run has no held-out prompts (data.eval or data.eval_fraction); "
+                        "give --data")
+    if args.max_examples:
+        prompts = [p for t in range(len(task_names(cfg))) for p in [q for q in prompts if q.task == t][
+            :args.max_examples]]
+    trainable, step = model.trainable, None
+    if args.run:
+        trainable, step = restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
+    names = list(task_names(cfg))
+    rewards = build_rewards(s.rewards, s.weights, tokenizer, prompts)
+    result, _ = evaluate_prompts(model.cfg, merge_params(model.frozen, trainable), tokenizer, prompts, names, rewards,
+                                 s.max_new_tokens)
+    count = {n: sum(p.task == t for p in prompts) for t, n in enumerate(names)}
+    metrics = lambda prefix, n: {"examples": n, "exact_match": result.get(f"{prefix}exact_match"),  # noqa: E731
+                                 "reward": result.get(f"{prefix}reward")}
+    return {"model": cfg.model.path, "run": args.run, "step": step,
+            "tasks": {n: metrics(f"{n}/", count[n]) for n in names}, "overall": metrics("", len(prompts))}
+
+
 def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
     """The result object: {model, run, step, tasks: {name: metrics}, overall: metrics}."""
     # Orbax logs every file it opens at INFO, and warns that a read-only directory is read-only.
     logging.getLogger("absl").setLevel(logging.ERROR)
     check_args(args)
     cfg = load_config(args)
+    if getattr(objectives.module(cfg.objective.get("name", "sft")), "ROLLOUTS", False):
+        return evaluate_rl(args, cfg)
     model = build_model(cfg)
     model_cfg, trainable, frozen = model.cfg, model.trainable, model.frozen
     tokenizer = build_tokenizer(cfg, model_cfg)
@@ -124,8 +161,6 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, Any]:
     step = None
     if args.run:
         trainable, step = restore_checkpoint(cfg, Path(args.run) / "checkpoints", model, args.step, args.best)
-    if getattr(objectives.module(data_cfg.objective.get("name", "sft")), "ROLLOUTS", False):
-        data_cfg = dataclasses.replace(data_cfg, objective={"name": "sft"})  # an RL run: scored as a language model
     objective = build_objective(data_cfg, model_cfg, data.labels)
     names = task_names(data_cfg)  # the run's task names for its eval split (metrics are keyed by them), or --data's
     check_data(objective, data)
@@ -162,6 +197,10 @@ def print_table(result: dict[str, Any]) -> None:
     for name, m in rows:
         print(f"{name:<{width}}  {m['examples']:>8}  {show(m, 'tokens', 'd'):>8}  {show(m, 'loss', '.4f'):>8}  "
               f"{show(m, 'ppl', '.4g'):>10}  {show(m, 'accuracy', '.2%'):>9}  {show(m, 'exact_match', '.2%'):>11}")
+    if "reward" in result["overall"]:  # an RL run
+        print(f"\n{'task':<{width}}  {'prompts':>8}  {'reward':>10}")
+        for name, m in rows:
+            print(f"{name:<{width}}  {m['examples']:>8}  {show(m, 'reward', '.4f'):>10}")
     if "pairs" in result["overall"]:  # a pair objective (dpo: implicit rewards; reward: the head's)
         dpo = "rewards/accuracies" in result["overall"]
         print(f"\n{'task':<{width}}  {'pairs':>8}  {'ranked right':>12}  {'margin':>8}")

@@ -244,7 +244,7 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     step, stop_early, save_due = start, False, False
     window_tokens, window_start = 0, time.perf_counter()
     try:
-        while step < t.max_steps and not stop_early:
+        while step < t.max_steps and not (stop_early and source.at_boundary):  # RL: the rollout is finished first
             batch, tokens = source.next(state, frozen_r, refs_r, step)
             state, step_metrics = p_train(state, frozen_r, refs_r, batch)
             step += 1

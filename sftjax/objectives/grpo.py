@@ -60,9 +60,9 @@ class GRPO(RLObjective):
         return {"advantages": (a[:, None] * rows["loss_mask"]).astype(np.float32)}
 
     def sums(self, params, refs, batch, rng):
-        logp, entropy, _ = token_logps(self.cfg, params, batch, rng)
-        per_token, sums = self.policy_sums(logp, entropy, batch, batch["advantages"])
-        return {**sums, "loss": jnp.sum(per_token * batch["loss_mask"])}
+        logp, entropy, _, mask = token_logps(self.cfg, params, batch, rng)
+        per_token, sums = self.policy_sums(logp, entropy, mask, batch)
+        return {**sums, "loss": jnp.sum(per_token * mask)}
 
 
 def make(settings: Settings, context: Context) -> GRPO:

@@ -29,7 +29,7 @@ import numpy as np
 from sftjax.errors import ConfigError
 from sftjax.model.layers import linear
 from sftjax.objectives.base import Context, Params, ratio
-from sftjax.objectives.rl import RLObjective, RolloutSettings, gae, masked_whiten, token_logps
+from sftjax.objectives.rl import RLObjective, RolloutSettings, gae, gathered, masked_whiten, scattered, token_logps
 
 NAME = "ppo"
 ROLLOUTS = True  # trains on its own samples (train/rollout.py), not on a dataset's completions
@@ -79,8 +79,8 @@ class PPO(RLObjective):
 
     def score(self, params, refs, batch):
         out = super().score(params, refs, batch)
-        logp, _, h = token_logps(self.cfg, params, batch)
-        return {**out, "old_logps": logp, "values": values_of(self.cfg, params, h)}
+        logp, _, h, _ = token_logps(self.cfg, params, batch)
+        return {**out, "old_logps": scattered(batch, logp), "values": scattered(batch, values_of(self.cfg, params, h))}
 
     def advantages(self, rows: dict[str, np.ndarray], rewards: np.ndarray) -> dict[str, np.ndarray]:
         """{"advantages", "returns", "kl_penalty"} [N, T] from the sequence rewards [N] and the scored rows."""
@@ -96,17 +96,17 @@ class PPO(RLObjective):
 
     def sums(self, params, refs, batch, rng):
         s = self.settings
-        logp, entropy, h = token_logps(self.cfg, params, batch, rng)
-        per_token, sums = self.policy_sums(logp, entropy, batch, batch["advantages"])
-        mask = batch["loss_mask"].astype(jnp.float32)
-        v, v_old, returns = values_of(self.cfg, params, h), batch["values"], batch["returns"]
+        logp, entropy, h, mask = token_logps(self.cfg, params, batch, rng)
+        per_token, sums = self.policy_sums(logp, entropy, mask, batch)
+        v_old, returns, kl_penalty = gathered(batch, "values", "returns", "kl_penalty")
+        v = values_of(self.cfg, params, h)
         v_clipped = v_old + jnp.clip(v - v_old, -s.cliprange_value, s.cliprange_value)
         loss_1, loss_2 = (v - returns) ** 2, (v_clipped - returns) ** 2
         value_loss = 0.5 * jnp.maximum(loss_1, loss_2)
         total = per_token + s.vf_coef * value_loss
         return {**sums, "loss": jnp.sum(total * mask), "value_loss": jnp.sum(value_loss * mask),
                 "value_clipped": jnp.sum((loss_2 > loss_1) * mask),
-                "kl_penalty": jnp.sum(batch["kl_penalty"] * mask)}
+                "kl_penalty": jnp.sum(kl_penalty * mask)}
 
     def metrics(self, sums):
         tokens = sums["weight"]

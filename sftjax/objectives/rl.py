@@ -23,6 +23,11 @@ Formulas (per completion token t; s the sampling policy pi_old, logp = log pi(to
 
 The loss of a step is the sum over its completion tokens divided by their number over all devices and
 micro-batches (TRL's loss_type "dapo", its GRPO default): every token counts the same, however long its completion.
+
+Logits only at completion tokens: as SFT (`objectives/sft.py`), `prepare` adds each micro-batch's completion
+positions (`label_index` [K]) when they are at most half of its slots, and the vocabulary projection, log-softmax
+and entropy run on those K positions only ([1, K] arrays; the per-token inputs are gathered the same way). A long
+prompt then costs its share of the trunk and nothing of the lm_head.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import hidden_states, lm_head
 from sftjax.objectives.base import Batch, Objective, Params, ratio
+from sftjax.objectives.sft import at_trained, with_label_index
 from sftjax.peft.lora import without_adapters
 from sftjax.train.state import merge_params
 
@@ -97,14 +103,33 @@ class RolloutSettings:
 # Per-token formulas (jax in the step; the tests check them against the papers' and TRL's)
 
 
-def token_logps(cfg: ModelConfig, params: Params, batch: Batch, rng=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(log pi(targets) [b, T], entropy [b, T], hidden states [b, T, D]), float32, at every position."""
+def token_logps(cfg: ModelConfig, params: Params, batch: Batch, rng=None):
+    """(log pi(targets), entropy, hidden states [.., D], weight) at the completion tokens, float32: [1, K] with
+    batch["label_index"] (`sft.at_trained`), else at every position [b, T]; weight is the loss mask there."""
     h = hidden_states(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"], rng)
+    (h, targets), weight = at_trained(batch, h, batch["targets"])
     logits = lm_head(cfg, params, h).astype(jnp.float32)
     logp_all = jax.nn.log_softmax(logits, axis=-1)
-    logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
+    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy, h
+    return logp, entropy, h, weight
+
+
+def gathered(batch: Batch, *keys: str) -> list[jax.Array | None]:
+    """The per-token rows batch[key] [b, T] at the same positions as `token_logps` (None for an absent key)."""
+    present = [k for k in keys if k in batch]
+    values = dict(zip(present, at_trained(batch, *(batch[k] for k in present))[0]))
+    return [values.get(k) for k in keys]
+
+
+def scattered(batch: Batch, x: jax.Array) -> jax.Array:
+    """Values at the completion positions ([1, K] with label_index) laid back into rows [b, T] (0 elsewhere)."""
+    if "label_index" not in batch:
+        return x
+    b, T = batch["tokens"].shape
+    index = batch["label_index"]
+    flat = jnp.zeros(b * T, x.dtype).at[jnp.where(index >= 0, index, b * T)].set(x[0], mode="drop")
+    return flat.reshape(b, T)
 
 
 def clipped_objective(logp, old_logp, advantages, eps_low: float, eps_high: float):
@@ -199,22 +224,32 @@ class RLObjective(Objective):
         (as TRL with num_iterations 1) and the rollout needs no extra forward pass."""
         return self.settings.steps_per_rollout > 1
 
+    def prepare(self, batch: Batch) -> Batch:
+        return with_label_index(batch)
+
     def score(self, params: Params, refs: dict[str, Params], batch: Batch) -> dict[str, jax.Array]:
+        """Per-token rows [b, T] of one micro-batch: the sampling policy's log-probabilities (when a rollout trains
+        more than one step) and the reference's (beta > 0)."""
         out = {}
         if self.needs_old_logps:
-            out["old_logps"] = token_logps(self.cfg, params, batch)[0]
+            out["old_logps"] = scattered(batch, token_logps(self.cfg, params, batch)[0])
         if self.settings.beta > 0:
-            out["ref_logps"] = token_logps(self.cfg, starting_policy(params, refs["reference"]), batch)[0]
+            reference = starting_policy(params, refs["reference"])
+            out["ref_logps"] = scattered(batch, token_logps(self.cfg, reference, batch)[0])
         return out
 
-    def policy_sums(self, logp, entropy, batch: Batch, advantages) -> tuple[jax.Array, dict]:
-        """(per-token loss [b, T] of the clipped term (+ beta k3), the sums every RL objective reports)."""
+    def policy_sums(self, logp, entropy, mask, batch: Batch) -> tuple[jax.Array, dict]:
+        """(per-token loss of the clipped term (+ beta k3), the sums every RL objective reports); logp, entropy and
+        mask as `token_logps` gives them."""
         s = self.settings
-        mask = batch["loss_mask"].astype(jnp.float32)
-        old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp)
+        advantages, old, ref = gathered(batch, "advantages", "old_logps", "ref_logps")
+        old = jax.lax.stop_gradient(logp) if old is None else old
+        on = mask > 0  # off the completion every input is set to 0 first: exp() of a stray difference stays finite
+        logp, old, advantages = (jnp.where(on, x, 0.0) for x in (logp, old, advantages))
+        ref = None if ref is None else jnp.where(on, ref, 0.0)
         eps_high = s.epsilon if s.epsilon_high is None else s.epsilon_high
         loss, clipped = clipped_objective(logp, old, advantages, s.epsilon, eps_high)
-        kl = kl_k3(logp, batch["ref_logps"]) if "ref_logps" in batch else jnp.zeros_like(logp)
+        kl = jnp.zeros_like(logp) if ref is None else kl_k3(logp, ref)
         per_token = loss + s.beta * kl if self.kl_in_loss else loss
         sums = {"weight": mask.sum(), "policy_loss": jnp.sum(loss * mask), "kl": jnp.sum(kl * mask),
                 "entropy": jnp.sum(jax.lax.stop_gradient(entropy) * mask),

@@ -74,8 +74,11 @@ def _sample(trainable, frozen, tokens, segment_ids, positions, rng, iteration, *
                        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
 
 
-def _score(trainable, frozen, refs, rows, *, objective):
-    return objective.score(merge_params(frozen, trainable), refs, rows)
+def _score(trainable, frozen, refs, chunks, *, objective):
+    """The objective's per-token rows of every micro-batch chunk [c, b, T], one chunk at a time (memory: one
+    micro-batch's activations and logits)."""
+    params = merge_params(frozen, trainable)
+    return jax.lax.map(lambda chunk: objective.score(params, refs, chunk), chunks)
 
 
 def text_of(tokenizer: Tokenizer, ids) -> str:
@@ -173,7 +176,9 @@ class Rollouts:
         rewards, each, reward_s = self.rewards.timed(prompts, texts)
         rows = completion_rows([p.ids for p in prompts], completions, [p.task for p in prompts], self.T, self.pad)
         scoring = time.perf_counter()
-        scored = self._p_score(state["trainable"], frozen, refs, {k: self._by_device(v) for k, v in rows.items()})
+        b = self.batch_size // self.devices  # rows of one micro-batch on one device
+        chunks = self.objective.prepare({k: v.reshape(self.devices, -1, b, *v.shape[1:]) for k, v in rows.items()})
+        scored = self._p_score(state["trainable"], frozen, refs, chunks)
         rows.update({k: np.asarray(v, np.float32).reshape(self.N, self.T) for k, v in scored.items()})
         rows.update(self.objective.advantages(rows, rewards.astype(np.float32)))
         score_s = time.perf_counter() - scoring
@@ -188,8 +193,8 @@ class Rollouts:
             order = np.random.default_rng([self.seed, self.iteration, epoch]).permutation(self.N)
             for m in range(s.minibatches):
                 index = order[m * self.rows_per_step:(m + 1) * self.rows_per_step]
-                out.append({k: v[index].reshape(self.devices, self.grad_accum, -1, *v.shape[1:])
-                            for k, v in rows.items()})
+                out.append(self.objective.prepare({k: v[index].reshape(self.devices, self.grad_accum, -1, *v.shape[1:])
+                                                   for k, v in rows.items()}))
         return out
 
     def _rollout_metrics(self, rewards, each, completions, generate_s, reward_s, score_s) -> dict[str, float]:

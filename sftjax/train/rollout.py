@@ -119,6 +119,7 @@ class Rollouts:
         self._p_score = jax.pmap(functools.partial(_score, objective=self.objective), axis_name="data",
                                  devices=devices)
         self.epoch = self.position = self.iteration = 0
+        self._epoch_order: tuple[int, np.ndarray] | None = None  # (epoch, its order): computed once per epoch
         self._queue: list[dict[str, np.ndarray]] = []
         self.metrics: dict[str, float] = {}
 
@@ -126,9 +127,10 @@ class Rollouts:
 
     def _order(self, epoch: int) -> np.ndarray:
         """[E, 2] (task, prompt index) of mixture epoch `epoch`."""
-        if getattr(self, "_cached", (None,))[0] != epoch:
-            self._cached = (epoch, epoch_order([len(t) for t in self.prompts], self.weights, self.data_seed, epoch))
-        return self._cached[1]
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            sizes = [len(t) for t in self.prompts]
+            self._epoch_order = (epoch, epoch_order(sizes, self.weights, self.data_seed, epoch))
+        return self._epoch_order[1]
 
     def _take(self, n: int) -> list[Prompt]:
         out = []

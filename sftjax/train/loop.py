@@ -127,7 +127,7 @@ def _rl_source(cfg: TrainConfig, objective, model_cfg, tokenizer, devices: int):
     line = ", ".join(f"{st.name} {st.kept} prompts" + (f" ({st.truncated} truncated, {st.dropped} dropped)"
                                                        if st.truncated or st.dropped else "") for st in stats)
     line += f"; rollouts of {rows // s.num_generations} prompts x {s.num_generations} completions, rows of " \
-            f"{source.T} tokens, {s.steps_per_rollout} step(s) each"
+            f"at most {source.T} tokens, {s.steps_per_rollout} step(s) each"
     return source, held, rewards, line
 
 

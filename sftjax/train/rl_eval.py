@@ -17,23 +17,23 @@ from sftjax.model.config import ModelConfig
 from sftjax.model.generate import generate
 from sftjax.model.transformer import Params
 from sftjax.train.rewards import Rewards, exact_match
-from sftjax.train.rollout import text_of
+from sftjax.train.rollout import stop_ids, text_of
 
 _BATCH = 16  # prompts decoded together (the last batch filled up with repeats: one compiled shape)
 
 
 def greedy_completions(cfg: ModelConfig, params: Params, tokenizer: Tokenizer, prompts: list[Prompt],
                        max_new_tokens: int) -> list[str]:
-    """The greedy completion text of every prompt (up to EOS, special tokens left out)."""
-    eos = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    """The greedy completion text of every prompt (up to its stop token, special tokens left out)."""
+    stop = stop_ids(tokenizer, cfg)
     longest = max(len(p.ids) for p in prompts)
     out: list[str] = []
     for start in range(0, len(prompts), _BATCH):
         chunk = prompts[start:start + _BATCH]
         rows = chunk + [chunk[0]] * (_BATCH - len(chunk))
-        new = generate(cfg, params, [p.ids for p in rows], max_new_tokens, eos_token_ids=eos,
+        new = generate(cfg, params, [p.ids for p in rows], max_new_tokens, eos_token_ids=stop,
                        pad_token_id=tokenizer.pad_id, prompt_len=longest)
-        out += [text_of(tokenizer, ids) for ids in new[:len(chunk)]]
+        out += [text_of(tokenizer, ids, stop) for ids in new[:len(chunk)]]
     return out
 
 

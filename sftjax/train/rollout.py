@@ -11,7 +11,9 @@ then feeds `epochs` x `minibatches` optimizer steps, each a [devices, grad_accum
 rows (rows reshuffled every epoch).
 
     N = trainer.batch_size x trainer.grad_accum x objective.minibatches      (a multiple of G)
-    T = longest prompt (rounded up to 16) + max_new_tokens
+    P = the rollout's longest prompt, rounded up to a power of two >= 16 (at most the longest of all, rounded
+        up to 16): few compiled shapes, and a rare long prompt does not lengthen every rollout
+    T = P + max_new_tokens, rounded up to 16
 
 Randomness and resume: the sampling key of rollout k on device d is fold_in(fold_in(fold_in(rng, TAG), k), d)
 (rng: the train state's), the prompt order depends only on data.seed, and the row order of epoch e on (seed, k, e).
@@ -81,12 +83,18 @@ def _score(trainable, frozen, refs, chunks, *, objective):
     return jax.lax.map(lambda chunk: objective.score(params, refs, chunk), chunks)
 
 
-def text_of(tokenizer: Tokenizer, ids) -> str:
-    """A completion's text: up to its EOS, special tokens left out."""
+def stop_ids(tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[int, ...]:
+    """The tokens that end a completion: the tokenizer's EOS and the model's (generation_config.json's eos_token_id,
+    e.g. an end-of-turn token besides the end-of-text one), as transformers' generate and TRL stop."""
+    ids = ([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + list(cfg.eos_token_ids)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def text_of(tokenizer: Tokenizer, ids, stop: tuple[int, ...]) -> str:
+    """A completion's text: up to its first stop token, special tokens left out."""
     ids = list(ids)
-    if tokenizer.eos_id is not None and tokenizer.eos_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+    return tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
 
 @dataclasses.dataclass
@@ -109,10 +117,11 @@ class Rollouts:
         s = self.objective.settings
         self.rows_per_step = self.batch_size * self.grad_accum
         self.N = self.rows_per_step * s.minibatches
-        self.P = round_up(max(len(p.ids) for task in self.prompts for p in task))
+        self.P = round_up(max(len(p.ids) for task in self.prompts for p in task))  # the longest any rollout has
         self.T = round_up(self.P + s.max_new_tokens)
         self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.model_cfg.pad_token_id or 0)
-        self.eos = np.asarray([self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else [-1], np.int32)
+        self.stop = stop_ids(self.tokenizer, self.model_cfg)
+        self.eos = np.asarray(self.stop or (-1,), np.int32)
         devices = jax.local_devices()[:self.devices]
         self._p_sample = jax.pmap(functools.partial(_sample, cfg=self.model_cfg, eos=self.eos, pad=self.pad, s=s),
                                   axis_name="data", devices=devices, in_axes=(0, 0, 0, 0, 0, 0, None))
@@ -167,21 +176,23 @@ class Rollouts:
         s = self.objective.settings
         G = s.num_generations
         prompts = [p for p in self._take(self.N // G) for _ in range(G)]  # the G samples of a prompt: adjacent
-        tokens, segments, positions = left_padded([p.ids for p in prompts], self.P, self.pad)
+        P = min(self.P, max(BUCKET, 1 << (max(len(p.ids) for p in prompts) - 1).bit_length()))
+        T = round_up(P + s.max_new_tokens)
+        tokens, segments, positions = left_padded([p.ids for p in prompts], P, self.pad)
         start = time.perf_counter()
         out, lengths = self._p_sample(state["trainable"], frozen, *map(self._by_device, (tokens, segments, positions)),
                                       state["rng"], np.int32(self.iteration))
         out, lengths = np.asarray(out).reshape(self.N, -1), np.asarray(lengths).reshape(-1)
         generated = time.perf_counter()
         completions = [out[i, :lengths[i]] for i in range(self.N)]
-        texts = [text_of(self.tokenizer, c) for c in completions]
+        texts = [text_of(self.tokenizer, c, self.stop) for c in completions]
         rewards, each, reward_s = self.rewards.timed(prompts, texts)
-        rows = completion_rows([p.ids for p in prompts], completions, [p.task for p in prompts], self.T, self.pad)
+        rows = completion_rows([p.ids for p in prompts], completions, [p.task for p in prompts], T, self.pad)
         scoring = time.perf_counter()
         b = self.batch_size // self.devices  # rows of one micro-batch on one device
         chunks = self.objective.prepare({k: v.reshape(self.devices, -1, b, *v.shape[1:]) for k, v in rows.items()})
         scored = self._p_score(state["trainable"], frozen, refs, chunks)
-        rows.update({k: np.asarray(v, np.float32).reshape(self.N, self.T) for k, v in scored.items()})
+        rows.update({k: np.asarray(v, np.float32).reshape(self.N, T) for k, v in scored.items()})
         rows.update(self.objective.advantages(rows, rewards.astype(np.float32)))
         score_s = time.perf_counter() - scoring
         self._queue = self._minibatches(rows)
@@ -204,8 +215,7 @@ class Rollouts:
         groups = rewards.reshape(-1, G)
         group_std = groups.std(axis=1, ddof=1) if G > 1 else np.zeros(len(groups))
         lengths = np.array([len(c) for c in completions])
-        eos_ended = np.array([self.tokenizer.eos_id is not None and self.tokenizer.eos_id in c.tolist()
-                              for c in completions])
+        eos_ended = np.array([len(c) > 0 and int(c[-1]) in self.stop for c in completions])
         out = {"reward": float(rewards.mean()), "reward_std": float(group_std.mean()),
                "frac_reward_zero_std": float(np.isclose(group_std, 0.0).mean()),
                "completions/mean_length": float(lengths.mean()),

@@ -10,7 +10,7 @@ import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 NAMES = ("methods", "data_efficiency", "overfitting", "search", "multitask", "task_heads", "distillation", "preference",
-         "reward_model")
+         "reward_model", "rl")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -533,8 +533,9 @@ def markdown(r: dict[str, Any]) -> str:
           for mode, res in r["speed"].items()]
     lines += ["", "Reference log-probs: sftjax `_p_score` + advantages (Rollouts' rollout/score_s); TRL "
               "`_get_per_token_logps_and_entropies` under no_grad. Token slots per scoring pass and train step (rows "
-              "x padded length; sftjax's vocabulary projection runs at all of them, TRL's at the completion's "
-              "only): " + "; ".join(sl) + ".", ""]
+              "x padded length; sftjax's vocabulary projection runs at the completion tokens only when they fill "
+              "at most half of the slots (`objectives/rl.py`: label_index), at all of them otherwise; TRL's at the "
+              "completion's only): " + "; ".join(sl) + ".", ""]
     lines += ["## Memory", ""]
     rows = [[mode, LABELS[stack], f"{res[stack]['trainable_bytes'] / MiB:,.1f}",
              f"{res[stack]['frozen_bytes'] / MiB:,.1f}", f"{res[stack]['reference_bytes'] / MiB:,.1f}",

@@ -49,8 +49,7 @@ from sftjax.objectives.base import Batch, Context, Objective, Params, ratio
 from sftjax.objectives.pairs import (chosen_rejected, has_target, pair_totals, pairs_present, per_sequence,
                                      task_metrics, task_sums, with_sequences)
 from sftjax.objectives.sft import at_trained, token_nll, with_label_index
-from sftjax.peft.lora import without_adapters
-from sftjax.train.state import merge_params
+from sftjax.train.references import starting_policy
 
 NAME = "dpo"
 PAIRS = True  # trains on preference pairs (the main job then uses the built-in tasks' preference versions)
@@ -171,7 +170,7 @@ class DPO(Objective):
         base with the adapters off, overlaid with the originals of the modules it trains)."""
         if self.settings.reference:
             return refs["reference"]
-        return merge_params(without_adapters({k: v for k, v in params.items() if k != "heads"}), refs["reference"])
+        return starting_policy(params, refs["reference"])
 
     def sequence_logps(self, cfg: ModelConfig, params: Params, batch: Batch, rng=None):
         """(log-probability [S], trained tokens [S], nll [..], weight [..], correct [..], sequence slot [..]) of the

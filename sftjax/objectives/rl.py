@@ -44,8 +44,7 @@ from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import hidden_states, lm_head
 from sftjax.objectives.base import Batch, Objective, Params, ratio
 from sftjax.objectives.sft import at_trained, with_label_index
-from sftjax.peft.lora import without_adapters
-from sftjax.train.state import merge_params
+from sftjax.train.references import starting_policy
 
 STD_EPS = 1e-4  # TRL's: advantages = (r - mean) / (std + 1e-4), so a group of equal rewards gives 0, not NaN
 WHITEN_EPS = 1e-8  # TRL's masked_whiten
@@ -143,12 +142,6 @@ def kl_k3(logp, ref_logp):
     """The k3 estimator of KL(pi || pi_ref) per sampled token: exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
     d = ref_logp - logp
     return jnp.exp(d) - d - 1.0
-
-
-def starting_policy(params: Params, reference: Params) -> Params:
-    """The policy as training started: the frozen base with the adapters off, overlaid with `reference` (the
-    originals of the modules trained fully: the whole model under full fine-tuning)."""
-    return merge_params(without_adapters({k: v for k, v in params.items() if k != "heads"}), reference)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Frozen models an objective needs besides the policy (a distillation teacher, later a preference reference).
+"""Frozen models an objective needs besides the policy (a distillation teacher; DPO's or RL's reference).
 
 A reference is named by a path, either
 
@@ -128,6 +128,16 @@ def policy_reference(trainable: Params) -> Params:
     from sftjax.peft.lora import without_adapters
 
     return without_adapters({k: v for k, v in trainable.items() if k != "heads"})
+
+
+def starting_policy(params: Params, reference: Params) -> Params:
+    """The policy as training started, inside a step that holds the current `params` and the `policy_reference`
+    tree: the frozen base with the adapters off, overlaid with `reference` (the originals of the modules trained
+    fully; the whole model under full fine-tuning). No copy of the base."""
+    from sftjax.peft.lora import without_adapters
+    from sftjax.train.state import merge_params
+
+    return merge_params(without_adapters({k: v for k, v in params.items() if k != "heads"}), reference)
 
 
 def precompute_logps(objective, params: Params, refs: dict[str, Params], prepared, rows: int = 8):

@@ -103,9 +103,9 @@ def test_bad_settings_one_line(settings, message):
 
 
 def test_unknown_objective_and_other_vocabulary():
-    with pytest.raises(ConfigError, match=r"objective.name='ppo': unknown objective \(known: distill, dpo, heads, "
-                                          r"reward, sft\)"):
-        base.build({"name": "ppo"}, base.Context(CFG, ("a",)))
+    with pytest.raises(ConfigError, match=r"objective.name='kto': unknown objective \(known: distill, dpo, grpo, "
+                                          r"heads, ppo, reward, sft\)"):
+        base.build({"name": "kto"}, base.Context(CFG, ("a",)))
     objective = base.build({"name": "distill", "teacher": "t"}, base.Context(CFG, ("a",)))
     with pytest.raises(ConfigError, match="the teacher's vocabulary has 80 tokens, the student's 64"):
         objective.bind({"teacher": dataclasses.replace(CFG, vocab_size=80)})

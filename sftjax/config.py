@@ -120,7 +120,14 @@ class TrainerSection:
     resume: str = "auto"  # auto (continue from run_dir's latest checkpoint) | never
     run_dir: str = "${hydra:runtime.output_dir}"  # checkpoints, metrics.jsonl, tensorboard/, resolved config
     progress: bool = True  # progress bar (only on a terminal)
-    distributed: bool = False  # call jax.distributed.initialize() (multi-host; reads the cluster environment)
+    parallelism: str = "data"  # data: pmap, the whole state on every device | fsdp: jit over a mesh, the state split
+    fsdp: int = 0  # parallelism=fsdp: devices each array is split over (0: all / tensor); data = rest of the devices
+    tensor: int = 1  # parallelism=fsdp: devices each attention / MLP projection is split over (must divide the heads)
+    distributed: bool = False  # multi-process run: jax.distributed.initialize() from the settings below or the cluster
+    coordinator: Optional[str] = None  # host:port of process 0 (default: JAX_COORDINATOR_ADDRESS or SLURM's first node)
+    num_processes: int = 0  # processes of the run (0: JAX_NUM_PROCESSES or SLURM_NTASKS)
+    process_id: int = -1  # this process (-1: JAX_PROCESS_ID or SLURM_PROCID)
+    init_timeout: int = 300  # seconds to wait for the coordinator and the other processes
 
 
 @dataclasses.dataclass
@@ -175,6 +182,17 @@ def check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
+def mesh_shape(t: TrainerSection, devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) of parallelism=fsdp over `devices` devices in all; one line when they do not fit."""
+    check(t.tensor >= 1, "trainer.tensor", t.tensor, "must be >= 1")
+    check(t.fsdp >= 0, "trainer.fsdp", t.fsdp, "must be >= 0 (0: all devices / tensor)")
+    check(devices % t.tensor == 0, "trainer.tensor", t.tensor, f"must divide the {devices} devices")
+    fsdp = t.fsdp or devices // t.tensor
+    check(devices % (fsdp * t.tensor) == 0, "trainer.fsdp", t.fsdp,
+          f"fsdp x tensor = {fsdp} x {t.tensor} must divide the {devices} devices")
+    return devices // (fsdp * t.tensor), fsdp, t.tensor
+
+
 def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> None:
     """Reject impossible values with one line naming the key. device_count: local devices of this process."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
@@ -209,12 +227,25 @@ def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> Non
     check(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "must be >= 0 (0: no clipping)")
     check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
     check(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be >= 1")
-    devices = (t.devices or device_count) * process_count
-    check(t.batch_size % devices == 0, "trainer.batch_size", t.batch_size,
-          f"must be divisible by the {devices} devices of the pmap step")
-    check(t.grad_accum >= 1, "trainer.grad_accum", t.grad_accum, "must be >= 1")
     check(0 <= t.devices <= device_count, "trainer.devices", t.devices,
           f"must be between 0 (all) and the {device_count} local devices")
+    check(t.devices in (0, device_count) or process_count == 1, "trainer.devices", t.devices,
+          f"must be 0 (all local devices) in a run of {process_count} processes")
+    check(t.parallelism in ("data", "fsdp"), "trainer.parallelism", t.parallelism, "must be data or fsdp")
+    if t.parallelism == "fsdp":
+        groups = mesh_shape(t, device_count * process_count)[:2]
+        check(t.devices == 0, "trainer.devices", t.devices, "parallelism=fsdp runs on every device: leave it 0")
+        check(device_count % t.tensor == 0, "trainer.tensor", t.tensor,
+              f"must divide the {device_count} devices of each process")
+        check(t.batch_size % (groups[0] * groups[1]) == 0, "trainer.batch_size", t.batch_size,
+              f"must be divisible by data x fsdp = {groups[0]} x {groups[1]} (the mesh's groups of rows)")
+    else:
+        devices = (t.devices or device_count) * process_count
+        check(t.fsdp == 0 and t.tensor == 1, "trainer.fsdp" if t.fsdp else "trainer.tensor", t.fsdp or t.tensor,
+              "splits the state only with trainer.parallelism=fsdp")
+        check(t.batch_size % devices == 0, "trainer.batch_size", t.batch_size,
+              f"must be divisible by the {devices} devices of the pmap step")
+    check(t.grad_accum >= 1, "trainer.grad_accum", t.grad_accum, "must be >= 1")
     for key in ("log_every", "eval_every", "save_every", "eval_batches", "num_samples", "patience"):
         check(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "must be >= 0")
     check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1")

@@ -13,6 +13,7 @@ import dataclasses
 import math
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from sftjax.data.masking import Tokenized
@@ -49,19 +50,20 @@ def summarise(objective: Objective, totals: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
-def teacher_forced(p_eval: Callable, objective: Objective, trainable: Any, frozen: Any, refs: Any, data: Prepared,
-                   devices: int, max_batches: int = 0) -> dict[str, float]:
+def teacher_forced(eval_sums: Callable, objective: Objective, data: Prepared, devices: int,
+                   max_batches: int = 0) -> dict[str, float]:
     """The objective's metrics (SFT: loss, ppl, accuracy, tokens, overall and '<task>/...') over one pass of
     `data` (max_batches: 0 = all), its sums added up in float64.
 
-    trainable / frozen / refs: replicated trees; p_eval: `step.compile_eval(objective, devices)`.
+    eval_sums(batch) -> the sums over one batch of this process's rows [devices, b, T] and every other process's,
+    on the host (`parallel.DataParallel.eval_sums`, `parallel.Sharded.eval_sums`); each process reads its rows.
     """
     totals: dict[str, np.ndarray] | None = None
-    for i, batch in enumerate(DataIterator(data, devices=devices)):
+    rows = DataIterator(data, devices=devices, process_index=jax.process_index(), process_count=jax.process_count())
+    for i, batch in enumerate(rows):
         if max_batches and i >= max_batches:
             break
-        sums = {k: np.asarray(v[0], np.float64)
-                for k, v in p_eval(trainable, frozen, refs, objective.prepare(batch)).items()}
+        sums = eval_sums(objective.prepare(batch))
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     if totals is None:
         return {}
@@ -72,8 +74,10 @@ def on_one_device(objective: Objective, trainable: Any, data: Prepared, frozen: 
                   max_batches: int = 0) -> dict[str, float]:
     """`teacher_forced` of host trees (not replicated) on the first local device: sftjax-eval and the report."""
     mesh = device_mesh(1)
-    return teacher_forced(compile_eval(objective, 1), objective, replicate(trainable, mesh),
-                          replicate(frozen or {}, mesh), replicate(refs or {}, mesh), data, 1, max_batches)
+    p_eval = compile_eval(objective, 1)
+    placed = [replicate(tree or {}, mesh) for tree in (trainable, frozen, refs)]
+    return teacher_forced(lambda batch: {k: np.asarray(v[0], np.float64) for k, v in p_eval(*placed, batch).items()},
+                          objective, data, 1, max_batches)
 
 
 def split_prompt(example: Tokenized) -> tuple[list[int], list[int]]:

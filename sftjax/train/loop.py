@@ -32,12 +32,12 @@ from sftjax.objectives import base as objectives
 from sftjax.objectives.base import Objective
 from sftjax.train import evaluate
 from sftjax.train.checkpoint import Checkpointer, check_base, check_references
-from sftjax.train.metrics import MetricsWriter, Progress
+from sftjax.train.metrics import MetricsWriter, NullWriter, Progress
 from sftjax.train.optim import make_optimizer, schedule
 from sftjax.train.setup import (build_data, build_model, build_objective, build_prompts, build_references,
                                 build_tokenizer, check_data, describe_model, run_trainable, with_labels)
-from sftjax.train.state import device_mesh, init_state, merge_params, replicate, unreplicate
-from sftjax.train.step import compile_steps
+from sftjax.train.parallel import build_parallel, local_groups
+from sftjax.train.state import init_state, merge_params
 
 log = logging.getLogger("sftjax")
 
@@ -77,10 +77,6 @@ def _next_batch(iterator: DataIterator, accum: int, noise: np.ndarray, rng: np.r
     return objective.prepare(batch), int((batch["segment_ids"] > 0).sum())
 
 
-def _first_replica(tree: Any) -> Any:
-    return jax.tree.map(lambda x: x[0], tree)
-
-
 class _Batches:
     """The SFT batch source: the data iterator (with prompt noise and the objective's host preparation)."""
 
@@ -108,6 +104,9 @@ def _rl_source(cfg: TrainConfig, objective, model_cfg, tokenizer, devices: int):
     s, t = objective.settings, cfg.trainer
     if jax.process_count() > 1:
         raise UserError(f"objective={objective.name}: RL runs on one host (of {jax.process_count()} processes)")
+    if t.parallelism != "data":
+        raise UserError(f"trainer.parallelism={t.parallelism}: objective={objective.name} samples with the pmap step; "
+                        "use trainer.parallelism=data")
     rows = t.batch_size * t.grad_accum * s.minibatches
     if rows % s.num_generations:
         raise UserError(f"objective.num_generations={s.num_generations}: a rollout of trainer.batch_size x "
@@ -135,10 +134,12 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     """Train as `cfg` says; return the final metrics, with "metric" = trainer.best_metric (for sweeps)."""
     t, o = cfg.trainer, cfg.optim
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it renames at INFO
-    if t.distributed:
-        jax.distributed.initialize()  # reads the cluster environment (SLURM, TPU pods, JAX_COORDINATOR_*)
+    if t.distributed and not jax.distributed.is_initialized():  # a sweep's second job finds them connected
+        from sftjax.train.distributed import initialize
+
+        initialize(t.coordinator, t.num_processes, t.process_id, t.init_timeout)
     validate(cfg, jax.local_device_count(), jax.process_count())
-    devices = t.devices or jax.local_device_count()
+    lead = jax.process_index() == 0  # writes metrics, samples and the config; every process saves its shards
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -146,11 +147,12 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     model_cfg, frozen, base_fingerprint = model.cfg, model.frozen, model.fingerprint
     tokenizer = build_tokenizer(cfg, model_cfg)
     rl = getattr(objectives.module(cfg.objective.get("name", "sft")), "ROLLOUTS", False)
+    engine_groups = local_groups(t)  # this process's groups of rows in each batch
     if rl:
         objective = build_objective(cfg, model_cfg)
         train_data = eval_data = None
     else:
-        train_data, eval_data = build_data(cfg, tokenizer, devices)
+        train_data, eval_data = build_data(cfg, tokenizer, engine_groups)
         objective = build_objective(cfg, model_cfg, train_data.labels)
         check_data(objective, train_data)
     objective, refs, reference_fingerprints, (train_data, eval_data) = build_references(
@@ -158,8 +160,9 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     trainable = run_trainable(model, objective, t.seed)
     optimizer = make_optimizer(o, t.max_steps)
     lr_schedule = schedule(o, t.max_steps)
-    p_train, p_eval = compile_steps(objective, optimizer, lr_schedule, devices)
-    mesh = device_mesh(devices)
+    abstract = jax.eval_shape(lambda: init_state(trainable, optimizer, t.seed))
+    engine = build_parallel(t, model_cfg, objective, optimizer, lr_schedule, abstract, frozen, refs)
+    devices = engine.groups
 
     if rl:
         source, eval_prompts, rewards, data_line = _rl_source(cfg, objective, model_cfg, tokenizer, devices)
@@ -178,26 +181,28 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     if start is None:
         state = init_state(trainable, optimizer, t.seed)
     else:  # restore into the shapes of a fresh state without allocating one
-        state, extras = checkpointer.restore(jax.eval_shape(lambda: init_state(trainable, optimizer, t.seed)), start)
+        state, extras = checkpointer.restore(engine.restore_target(abstract), start)
         check_base(extras, base_fingerprint)
         check_references(extras, reference_fingerprints)
         data_state = extras["data_state"]
         stopper = EarlyStopping(**extras["early_stopping"])
         log.warning("resuming %s from step %d", run_dir, start)
     start = start or 0
-    state = replicate(state, mesh)
-    frozen_r = replicate(frozen, mesh)
-    refs_r = replicate(refs, mesh)
-    del refs  # the replicated copies are the ones the steps read
+    state = engine.place_state(state)
+    frozen_r = engine.place_frozen(frozen)
+    refs_r = engine.place_refs(refs)
+    del refs  # the placed copies are the ones the steps read
     if rl:
         source.restore(data_state)
     else:
         data_line = ", ".join(f"{s.name} {s.kept}" for s in train_data.stats)
         source = _Batches(DataIterator(train_data, devices=devices, process_index=jax.process_index(),
                                        process_count=jax.process_count(), state=data_state), cfg, objective)
-    metrics_writer = MetricsWriter(run_dir, resume_step=start)  # drops lines a killed run wrote after `start`
+    # drops lines a killed run wrote after `start`; other processes than the first write nothing
+    metrics_writer = MetricsWriter(run_dir, resume_step=start) if lead else NullWriter()
     config_dump = with_labels(resolved_config or dataclasses.asdict(cfg), () if rl else train_data.labels)
-    (run_dir / "config.json").write_text(json.dumps(config_dump, indent=2, default=str) + "\n")
+    if lead:
+        (run_dir / "config.json").write_text(json.dumps(config_dump, indent=2, default=str) + "\n")
     for line in describe_model(cfg, model):
         log.info("%s", line)
     extra = {k: v for k, v in trainable.items() if k not in model.trainable}
@@ -210,10 +215,10 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
             return {}
         if rl:
             return run_rl_eval(step)
-        result = evaluate.teacher_forced(p_eval, objective, state["trainable"], frozen_r, refs_r, eval_data, devices,
-                                         t.eval_batches)
+        result = evaluate.teacher_forced(lambda batch: engine.eval_sums(state["trainable"], frozen_r, refs_r, batch),
+                                         objective, eval_data, devices, t.eval_batches)
         if t.num_samples:
-            params_now = merge_params(frozen, _first_replica(state["trainable"]))  # objective parameters ignored
+            params_now = merge_params(frozen, engine.params(state["trainable"]))  # objective parameters ignored
             samples = evaluate.generations(model_cfg, params_now, tokenizer,
                                            evaluate.sample_examples(eval_data, t.num_samples), t.sample_tokens)
             for i, s in enumerate(samples):
@@ -225,7 +230,7 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
         from sftjax.train.rl_eval import evaluate_prompts
 
         s = objective.settings
-        params_now = merge_params(frozen, _first_replica(state["trainable"]))
+        params_now = merge_params(frozen, engine.params(state["trainable"]))
         result, samples = evaluate_prompts(model_cfg, params_now, tokenizer, eval_prompts, list(objective.tasks),
                                            rewards if s.eval_reward else None, s.max_new_tokens, t.num_samples)
         for i, sample in enumerate(samples):
@@ -237,23 +242,23 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
         extras = {"data_state": source.state(), "early_stopping": dataclasses.asdict(stopper),
                   "config": config_dump, "base_fingerprint": base_fingerprint,
                   "reference_fingerprints": reference_fingerprints, "metrics": metrics}
-        checkpointer.save(step, unreplicate(state), extras, metrics)
+        checkpointer.save(step, engine.to_save(state), extras, metrics)
 
-    progress = Progress(t.max_steps, start, force=None if t.progress else False)
+    progress = Progress(t.max_steps, start, force=None if t.progress and lead else False)
     last: dict[str, float] = {}
     step, stop_early, save_due = start, False, False
     window_tokens, window_start = 0, time.perf_counter()
     try:
         while step < t.max_steps and not (stop_early and source.at_boundary):  # RL: the rollout is finished first
             batch, tokens = source.next(state, frozen_r, refs_r, step)
-            state, step_metrics = p_train(state, frozen_r, refs_r, batch)
+            state, step_metrics = engine.train(state, frozen_r, refs_r, batch)
             step += 1
             window_tokens += tokens
             is_eval = has_eval and t.eval_every and step % t.eval_every == 0
             save_due = save_due or bool(t.save_every and step % t.save_every == 0)
             is_save = save_due and source.at_boundary  # RL: never inside a rollout
             if step % t.log_every == 0 or is_eval or is_save or step == t.max_steps:
-                host = {k: float(v[0]) for k, v in step_metrics.items()}
+                host = engine.scalars(step_metrics)
                 if not host.pop("finite"):
                     raise TrainingDiverged(f"non-finite loss or gradient at step {step} (loss {host['loss']}): "
                                            f"stopped; the last checkpoint in {run_dir / 'checkpoints'} is the "
@@ -287,5 +292,6 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     last["step"] = float(step)
     if t.best_metric in last:
         last["metric"] = last[t.best_metric]
-    (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2, sort_keys=True) + "\n")
+    if lead:
+        (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2, sort_keys=True) + "\n")
     return last

@@ -71,6 +71,19 @@ def truncate_after(path: str | Path, step: int) -> None:
         raise
 
 
+class NullWriter:
+    """The metrics writer of every process but the first in a multi-process run: it writes nothing."""
+
+    def write(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
+        pass
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class MetricsWriter:
     """Appends metrics of `run_dir` to metrics.jsonl and TensorBoard; `resume_step` continues a killed run.
 

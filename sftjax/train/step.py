@@ -102,11 +102,16 @@ def eval_sums(trainable: PyTree, frozen: PyTree, refs: PyTree, batch: dict[str, 
     return jax.lax.psum(objective.sums(merge_params(frozen, trainable), refs, batch, None), AXIS)
 
 
+def _devices(devices: int):
+    """The pmap's devices: the first `devices` local ones; in a multi-process run every device of every process
+    (each process passes its local rows; the psum spans all of them)."""
+    return None if jax.process_count() > 1 else jax.local_devices()[:devices]
+
+
 def compile_eval(objective: Objective, devices: int):
     """p_eval(trainable, frozen, refs, batch) -> sums, pmapped over the first `devices` local devices: the one eval
     step of the training loop, `sftjax-eval` and the main job's report."""
-    return jax.pmap(functools.partial(eval_sums, objective=objective), axis_name=AXIS,
-                    devices=jax.local_devices()[:devices])
+    return jax.pmap(functools.partial(eval_sums, objective=objective), axis_name=AXIS, devices=_devices(devices))
 
 
 def compile_steps(objective: Objective, optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule,
@@ -117,5 +122,5 @@ def compile_steps(objective: Objective, optimizer: optax.GradientTransformation,
     """
     p_train = jax.pmap(functools.partial(train_step, objective=objective, optimizer=optimizer,
                                          lr_schedule=lr_schedule), axis_name=AXIS,
-                       devices=jax.local_devices()[:devices], donate_argnums=(0,))
+                       devices=_devices(devices), donate_argnums=(0,))
     return p_train, compile_eval(objective, devices)

@@ -7,8 +7,8 @@ Where the three numbers come from, first match wins, key by key:
   1. the settings `trainer.coordinator`, `trainer.num_processes`, `trainer.process_id`;
   2. JAX's variables `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`;
   3. SLURM (`SLURM_PROCID`, `SLURM_NTASKS`, the first host of `SLURM_STEP_NODELIST`, port `SFTJAX_COORDINATOR_PORT`
-     or 12321): what `conf/hydra/launcher/slurm.yaml` starts, one process per task. With several tasks per node each
-     task gets its node's device `SLURM_LOCALID` (one GPU per process).
+     or 61440 + SLURM_JOB_ID % 4096 as JAX picks it): what `conf/hydra/launcher/slurm.yaml` starts, one process per
+     task. With several tasks per node each task that sees several GPUs uses its node's device `SLURM_LOCALID`.
 Nothing to read from stops with one line, as does a process id out of range.
 
 Failures JAX reports by aborting the process (a C++ fatal error with a stack dump, which Python cannot catch) are
@@ -69,7 +69,7 @@ def resolve(coordinator: str | None, num_processes: int, process_id: int, env=os
             coordinator, source = env["JAX_COORDINATOR_ADDRESS"], "JAX_COORDINATOR_ADDRESS"
         elif slurm:
             nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
-            port = _int(env.get("SFTJAX_COORDINATOR_PORT", DEFAULT_PORT), "SFTJAX_COORDINATOR_PORT")
+            port = _int(env.get("SFTJAX_COORDINATOR_PORT", _slurm_port(env)), "SFTJAX_COORDINATOR_PORT")
             coordinator, source = f"{first_host(nodes)}:{port}", "SLURM"
     if num_processes == 0:
         if "JAX_NUM_PROCESSES" in env:
@@ -95,9 +95,16 @@ def resolve(coordinator: str | None, num_processes: int, process_id: int, env=os
         raise ConfigError(f"trainer.process_id={process_id}: out of range for {num_processes} processes "
                           f"(0 to {num_processes - 1})")
     local = None
-    if slurm and _int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0], "SLURM_NTASKS_PER_NODE") > 1:
+    visible = env.get("CUDA_VISIBLE_DEVICES")  # a task bound to its own GPU sees only that one
+    if slurm and _int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0], "SLURM_NTASKS_PER_NODE") > 1 and \
+            (visible is None or len(visible.split(",")) > 1):
         local = (_int(env.get("SLURM_LOCALID", 0), "SLURM_LOCALID"),)
     return Cluster(coordinator, num_processes, process_id, local, source)
+
+
+def _slurm_port(env) -> int:
+    """JAX's own rule for a SLURM job's coordinator port: two jobs on one node do not collide."""
+    return 61440 + _int(env.get("SLURM_JOB_ID", 0), "SLURM_JOB_ID") % 4096 if "SLURM_JOB_ID" in env else DEFAULT_PORT
 
 
 def _split(coordinator: str) -> tuple[str, int]:

@@ -46,7 +46,7 @@ class Cluster:
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    match = re.match(r"([^,\[\]]+)(\[([^\]]+)\])?(,|$)", nodelist.strip())
     if not match:
         raise ConfigError(f"SLURM_STEP_NODELIST={nodelist!r}: not a SLURM node list")
     prefix, ranges = match.group(1), match.group(3)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import logging
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -24,6 +26,7 @@ from sftjax.train import sharded, step
 from sftjax.train.state import device_mesh, replicate
 
 PyTree = Any
+log = logging.getLogger("sftjax")
 
 
 def first(x: jax.Array) -> np.ndarray:
@@ -170,7 +173,29 @@ def build_parallel(t, model_cfg, objective, optimizer, lr_schedule, abstract_sta
     from sftjax.config import mesh_shape
 
     if t.parallelism == "data":
-        return DataParallel(objective, optimizer, lr_schedule, local_groups(t))
+        engine = DataParallel(objective, optimizer, lr_schedule, local_groups(t))
+        log.info("parallelism data: the pmap step over %d devices (%d processes), the whole state on each (%s)",
+                 engine.groups * jax.process_count(), jax.process_count(),
+                 _mib(per_device_bytes(abstract_state, None) + per_device_bytes(frozen, None)))
+        return engine
     check_tensor(model_cfg, t.tensor)
-    mesh = sharded.make_mesh(*mesh_shape(t, jax.device_count()))
-    return Sharded(objective, optimizer, lr_schedule, mesh, abstract_state, frozen, refs)
+    data, fsdp, tensor = mesh_shape(t, jax.device_count())
+    engine = Sharded(objective, optimizer, lr_schedule, sharded.make_mesh(data, fsdp, tensor), abstract_state, frozen,
+                     refs)
+    held = per_device_bytes(abstract_state, engine.state_sharding) + per_device_bytes(frozen, engine.frozen_sharding)
+    log.info("parallelism fsdp: mesh data %d x fsdp %d x tensor %d over %d devices (%d processes); state and frozen "
+             "base per device %s", data, fsdp, tensor, jax.device_count(), jax.process_count(), _mib(held))
+    return engine
+
+
+def per_device_bytes(tree: PyTree, shardings: PyTree | None) -> int:
+    """Bytes of `tree` one device holds: all of it (shardings None), or its largest shard of each array."""
+    leaves = jax.tree.leaves(tree)
+    if shardings is None:
+        return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in leaves)
+    return sum(int(np.prod(s.shard_shape(np.shape(x)))) * np.dtype(x.dtype).itemsize
+               for x, s in zip(leaves, jax.tree.leaves(shardings)))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

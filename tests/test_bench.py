@@ -4,11 +4,13 @@ its variants, which agree, and puts back what it patched.
 Speed is never asserted here: the benchmark measures it, a test only checks that the benchmark runs.
 """
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "bench.py"
@@ -82,6 +84,39 @@ def _import_bench():
     finally:
         sys.path.remove(str(BENCH.parent))
     return bench
+
+
+def _import_bench_module(name: str):
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH.parent))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bench_sharded_step_matches_the_pmap_step(mode):
+    """`bench.py --parallelism fsdp`'s sftjax step (jax_side.Runner: the sharded step on a one-device mesh, compiled
+    ahead of time as the memory section does) against the pmap step on the tiny config: the same losses over two
+    AdamW steps to 1e-5 relative. On one device the two programs differ in summation order only (the vmap over
+    one group of rows), so the losses agree to float32 rounding (highest matmul precision, tests/conftest.py)."""
+    jax_side, workers = _import_bench_module("jax_side"), _import_bench_module("workers")
+    from sftjax.model.config import PRESETS
+
+    model_cfg = PRESETS["tiny-llama"].replace(num_layers=2)
+    cfg = jax_side.train_config("-", mode, 16, 32.0, 1e-4)
+    data = [jax_side.sftjax_batch(*pair) for pair in workers.batches(2, 2, 32, model_cfg.vocab_size, 0)]
+    model = jax_side.random_model(cfg, model_cfg)
+    runners = {p: jax_side.Runner(cfg, model, parallelism=p) for p in ("data", "fsdp")}
+    sharded = runners["fsdp"]
+    lower_s, compile_s = sharded.compile(data[0])
+    assert lower_s > 0 and compile_s > 0 and sharded.temp_bytes > 0
+    losses = {p: [runner.step(batch) for batch in data] for p, runner in runners.items()}
+    assert all(isinstance(x, float) and np.isfinite(x) for x in losses["fsdp"])
+    np.testing.assert_allclose(losses["fsdp"], losses["data"], rtol=1e-5, atol=0)
+    assert sharded.memory() == runners["data"].memory()  # the same bytes, a device axis of 1 or none
+    with pytest.raises(ValueError, match="parallelism 'tensor'"):
+        jax_side.Runner(cfg, model, parallelism="tensor")
 
 
 def test_model_dir_is_reused_for_the_same_model_and_never_replaced(tmp_path, monkeypatch):

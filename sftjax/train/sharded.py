@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sftjax.objectives.base import Objective
 from sftjax.train.state import merge_params
+from sftjax.train.step import apply_sums
 
 PyTree = Any
 AXES = ("data", "fsdp", "tensor")
@@ -145,28 +146,7 @@ def train_step(state: PyTree, frozen: PyTree, refs: PyTree, batch: dict[str, jax
     sums_shape = jax.eval_shape(lambda: loss_fn(trainable, first, 0)[1])
     init = (jax.tree.map(jnp.zeros_like, trainable), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
     (grads, sums), _ = jax.lax.scan(accumulate, init, (jnp.arange(micro_batches), by_micro))
-    weight = jnp.maximum(sums["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
-    loss = sums["loss"] / weight
-
-    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    new_state = {
-        "step": state["step"] + 1,
-        "trainable": jax.tree.map(keep, new_trainable, trainable),
-        "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
-        "rng": state["rng"],
-    }
-    metrics = {
-        **objective.metrics(sums),
-        "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
-        "lr": lr_schedule(state["step"]),
-        "finite": finite.astype(jnp.float32),
-    }
-    return new_state, metrics
+    return apply_sums(state, grads, sums, objective=objective, optimizer=optimizer, lr_schedule=lr_schedule)
 
 
 def eval_sums(trainable: PyTree, frozen: PyTree, refs: PyTree, batch: dict[str, jax.Array], *,

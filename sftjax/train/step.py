@@ -69,6 +69,15 @@ def train_step(state: PyTree, frozen: PyTree, refs: PyTree, batch: dict[str, jax
     init = (_zeros_like(trainable), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
     (grads, sums), _ = jax.lax.scan(accumulate, init, (jnp.arange(micro_batches), batch))
     grads, sums = jax.lax.psum((grads, sums), AXIS)
+    return apply_sums(state, grads, sums, objective=objective, optimizer=optimizer, lr_schedule=lr_schedule)
+
+
+def apply_sums(state: PyTree, grads: PyTree, sums: dict[str, jax.Array], *, objective: Objective,
+               optimizer: optax.GradientTransformation,
+               lr_schedule: optax.Schedule) -> tuple[PyTree, dict[str, jax.Array]]:
+    """The end of a step (pmap's and the sharded one's): the global summed gradient and sums divided once by the
+    weight, the optimizer update, kept only when the loss and the gradient are finite; (new state, metrics)."""
+    trainable = state["trainable"]
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     loss = sums["loss"] / weight

@@ -140,3 +140,25 @@ def test_bad_layouts_fail_with_one_line(workspace, tmp_path, overrides, message)
     assert line == f"sftjax-train: error: {message}" or line.startswith(f"sftjax-train: error: {message}"), line
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_sharded_checkpoint_restores_into_the_pmap_layout_and_back(tmp_path):
+    from sftjax.train.checkpoint import Checkpointer
+
+    model, objective, trainable, optimizer, lr_schedule = _setup("lora", 0.0, "adamw")
+    abstract = jax.eval_shape(lambda: init_state(trainable, optimizer, 0))
+    engines = {name: build_parallel(dataclasses.replace(TrainerSection(), parallelism=name), model.cfg, objective,
+                                    optimizer, lr_schedule, abstract, model.frozen, {}) for name in ("fsdp", "data")}
+    fsdp = engines["fsdp"]
+    state, _ = fsdp.train(fsdp.place_state(init_state(trainable, optimizer, 0)), fsdp.place_frozen(model.frozen), {},
+                          _batches(objective, 1)[0])
+    saved = jax.tree.map(np.asarray, jax.device_get(state))
+    with Checkpointer(tmp_path / "c", keep_last=2) as ckpt:
+        ckpt.save(1, fsdp.to_save(state), {})
+        ckpt.wait()
+        for name, engine in engines.items():  # into pmap's replicated layout, and back into the split one
+            restored, _ = ckpt.restore(engine.restore_target(abstract), 1)
+            placed = engine.place_state(restored)
+            host = jax.device_get(placed if name == "fsdp" else jax.tree.map(lambda x: x[0], placed))
+            for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(host)):
+                np.testing.assert_array_equal(np.asarray(y), x)

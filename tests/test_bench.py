@@ -1,5 +1,6 @@
-"""experiments/bench/bench.py --quick runs end to end on a tiny config and writes its table and JSON; ab.py runs
-its variants, which agree, and puts back what it patched.
+"""experiments/bench/bench.py --quick runs end to end on a tiny config and writes its table and JSON; its sharded
+sftjax step (--parallelism fsdp) gives the pmap step's losses; ab.py runs its variants, which agree, and puts back
+what it patched.
 
 Speed is never asserted here: the benchmark measures it, a test only checks that the benchmark runs.
 """

@@ -1,16 +1,21 @@
-"""sftjax against transformers + PEFT (+ bitsandbytes): train-step speed, MFU, memory, compile time and scaling.
+r"""sftjax against transformers + PEFT (+ bitsandbytes): train-step speed, MFU, memory, compile time and scaling.
 
     python experiments/bench/bench.py                       # everything, bench config (8-13 min on 2 cores)
     python experiments/bench/bench.py --quick               # tiny config, 1 step each: checks that it runs
     python experiments/bench/bench.py --sections speed,memory --modes lora,qlora --steps 8 --turn 3
-    python experiments/bench/bench.py --platform gpu         # GPU: Llama 3.2 1B architecture, bf16 mixed precision
+    python experiments/bench/bench.py --quick --parallelism fsdp   # the same with sftjax's sharded step
+    # GPU (Llama 3.2 1B architecture, bf16 mixed precision): the pmap step, then the sharded step, same weights
+    python experiments/bench/bench.py --platform gpu --model-dir /tmp/bench-1b
+    python experiments/bench/bench.py --platform gpu --parallelism fsdp --sections speed,memory \
+        --model-dir /tmp/bench-1b
 
 Bench config (REFERENCE.md): Llama, vocab 8192, width 512, 8 layers, 8 query / 2 kv heads, FFN 1408, untied,
 seq 256, batch 8, float32; LoRA r=16 alpha=32 dropout 0 on q,k,v,o,gate,up,down; AdamW (lr 1e-4, no weight decay,
 no clipping, constant lr) in both stacks; QLoRA = NF4 + double quantization of every decoder linear in both.
 Both stacks train the same weights (random, written once as an HF directory that each loads) on the same random
-token batches, every target trained. The sftjax step is the trainer's own (`compile_steps`, built by
-`build_model` exactly as `sftjax-train` builds it); the peer step is documented in torch_side.py.
+token batches, every target trained. The sftjax step is the trainer's own (`compile_steps`: the pmap step, or
+the sharded one with --parallelism fsdp, below; the model built by `build_model` exactly as `sftjax-train` builds
+it); the peer step is documented in torch_side.py.
 
 Sections (--sections), each run in fresh processes by workers.py:
   peak     float32 matmul peak: median GFLOP/s of jitted [2048, 2048] @ [2048, 2048] dots (torch's for reference)
@@ -54,6 +59,15 @@ default there: what the HF Trainer's bf16=True does, see jax_side.py / torch_sid
 peak_bytes_in_use; torch: max_memory_allocated). Sections peak, speed and memory by default. `--model-dir DIR`
 keeps the random HF directory (5 GB at 1B in float32) for the next invocation, so the sections can run as separate
 commands. --precision bf16 also runs on CPU (tests/test_bench.py checks the bf16 path of both stacks there).
+The two GPU commands at the top are the GPU checklist of experiments/bench/README.md: the pmap step against the
+peer, then the sharded step against it on the same weights.
+
+--parallelism (trainer.parallelism) picks the sftjax step of the speed, memory, compile and scaling sections:
+"data" (default) the pmap step (`train.step.compile_steps`), "fsdp" the sharded jit step
+(`train.sharded.compile_steps`) on a one-device mesh (data 1, fsdp 1, tensor 1), state placed by its shardings and
+each batch as a global array (jax_side.Runner). On one device nothing is split: it measures the sharded program
+against the pmap one, not a memory saving. The floor section times matmuls alone and is the same for both. The
+result is named -fsdp and its header says which step ran.
 
 Results: a markdown table on stdout, and results/<date>-<HHMM>-<machine>.md + .json (or --results-dir); a result
 never replaces another.
@@ -83,6 +97,7 @@ SECTIONS = ("peak", "speed", "memory", "compile", "scaling", "floor")
 GPU_SECTIONS = ("peak", "speed", "memory")  # the default with --platform gpu
 PRECISIONS = ("float32", "bf16")
 STACKS = ("sftjax", "peer")
+PARALLELISMS = ("data", "fsdp")  # the sftjax step: pmap, or the sharded jit step on a one-device mesh
 LORA = {"rank": 16, "alpha": 32.0, "lr": 1e-4}
 SEED = 0
 
@@ -201,6 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--platform", choices=("cpu", "gpu"), default="cpu",
                     help="cpu: the bench config; gpu: the 1B config in bf16 (both stacks on the GPU)")
     ap.add_argument("--precision", choices=PRECISIONS, help="float32 (default on cpu) or bf16 (default on gpu)")
+    ap.add_argument("--parallelism", choices=PARALLELISMS, default="data",
+                    help="the sftjax step: data (pmap, default) or fsdp (the sharded step on a one-device mesh)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of full,lora,qlora")
     ap.add_argument("--sections", help="comma-separated subset of " + ",".join(SECTIONS) + " (default: all on cpu, "
                     + ",".join(GPU_SECTIONS) + " on gpu)")
@@ -230,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     s["turn"] = args.turn or s["turn"]
     if s["turn"] < 2:
         raise SystemExit("bench: --turn must be at least 2 (a turn's first step is not measured)")
-    s["platform"], s["precision"] = args.platform, args.precision
+    s["platform"], s["precision"], s["parallelism"] = args.platform, args.precision, args.parallelism
     started = time.perf_counter()
     host = machine(args.platform == "gpu")
     results: dict[str, Any] = {
@@ -242,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="sftjax-bench-"))
     try:
         base = {"hf_dir": str(hf_dir / "model"), "seed": SEED, "batch": s["batch"], "seq": s["seq"],
-                "platform": args.platform, "precision": args.precision, **LORA}
+                "platform": args.platform, "precision": args.precision, "parallelism": args.parallelism, **LORA}
         prep = _prepare(base, _preset(s), hf_dir if args.model_dir else None)
         base["model"] = prep["model"]
         results["model"] = {**prep["model"], "num_params": prep["num_params"]}
@@ -279,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stem = _free_stem(args.results_dir, f"{results['date'][:10]}-{results['date'][11:].replace(':', '')}-"
                       f"{host['slug']}" + (f"-{args.precision}" if args.precision != "float32" else "")
+                      + (f"-{args.parallelism}" if args.parallelism != "data" else "")
                       + ("-quick" if args.quick else ""))
     (args.results_dir / f"{stem}.md").write_text(text)
     (args.results_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")

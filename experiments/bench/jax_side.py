@@ -1,4 +1,6 @@
-"""The sftjax side: the model a run builds and the trainer's own pmapped train step (`compile_steps`), one device.
+"""The sftjax side: the model a run builds and the trainer's own train step on one device: the pmap step
+(`train.step.compile_steps`, parallelism "data") or the sharded jit step (`train.sharded.compile_steps`, "fsdp")
+on a one-device (data 1, fsdp 1, tensor 1) mesh.
 
 Speed, memory and scaling build the model with `sftjax.train.setup.build_model` from the same HF directory the
 peer loads, so both stacks train identical weights. The compile-time sweep varies the depth, so it starts from
@@ -10,7 +12,9 @@ Precision "float32" runs everything in float32. "bf16" is sftjax's mixed precisi
 and the adapters in float32 (as sftjax always does).
 
 Batches are [devices=1, accum=1, b, T], laid out as `sftjax.train.loop._next_batch` hands them to the step (host
-numpy arrays; one segment per row, every target trained).
+numpy arrays; one segment per row, every target trained). The sharded step takes them as global arrays of the
+mesh's batch sharding (one group of rows), as `train.parallel.Sharded.batch` makes them; the copy to the device
+is part of each timed step, as the pmap step's is.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from sftjax.config import (
     LoraSection,
@@ -34,13 +39,14 @@ from sftjax.objectives.base import Objective
 from sftjax.objectives.sft import SFT
 from sftjax.peft import lora as lora_lib
 from sftjax.peft import quant
+from sftjax.train import sharded, step
 from sftjax.train.optim import make_optimizer, schedule
 from sftjax.train.setup import Model
 from sftjax.train.state import device_mesh, init_state, replicate
-from sftjax.train.step import compile_steps
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOTAL_STEPS = 1000  # only sizes the (constant) schedule: the benchmark never reaches it
+PARALLELISMS = ("data", "fsdp")  # the pmap step, the sharded step (`trainer.parallelism`)
 
 
 def train_config(model_path: str, mode: str, rank: int, alpha: float, lr: float, remat: str = "none",
@@ -79,37 +85,68 @@ def random_model(cfg: TrainConfig, model_cfg: ModelConfig, seed: int = 0) -> Mod
 
 
 class Runner:
-    """The trainer's p_train step with its replicated state and frozen tree; `step(batch)` runs one.
+    """The trainer's train step with its placed state and frozen tree; `step(batch)` runs one.
 
-    Without `compile`, a step calls p_train itself, which compiles on its first call (as in a training run).
-    `compile(batch)` compiles p_train ahead of time for that batch shape, timed, and later steps run that
+    parallelism "data": the pmap step, the state replicated with a leading device axis of 1. "fsdp": the sharded
+    jit step over a (data 1, fsdp 1, tensor 1) mesh of the first device (`make_mesh` would take every device),
+    state, frozen base and references placed with `state_shardings` / `tree_shardings`: on one device nothing is
+    split, so it measures the sharded program itself (the vmap over groups, the jit instead of pmap).
+
+    Without `compile`, a step calls the train function itself, which compiles on its first call (as in a training
+    run). `compile(batch)` compiles it ahead of time for that batch shape, timed, and later steps run that
     executable: the same program, measured without a second compilation, with XLA's buffer sizes.
     """
 
     def __init__(self, cfg: TrainConfig, model: Model, objective: Objective | None = None,
-                 refs: dict[str, Any] | None = None):
-        """objective: the trainer's SFT by default; refs: the frozen models it needs besides the base."""
+                 refs: dict[str, Any] | None = None, parallelism: str = "data"):
+        """objective: the trainer's SFT by default; refs: the frozen models it needs besides the base;
+        parallelism: "data" (pmap) or "fsdp" (the sharded step)."""
+        if parallelism not in PARALLELISMS:
+            raise ValueError(f"parallelism {parallelism!r}: choose from {', '.join(PARALLELISMS)}")
         optimizer = make_optimizer(cfg.optim, TOTAL_STEPS)
+        lr_schedule = schedule(cfg.optim, TOTAL_STEPS)
         self.objective = objective or SFT(model.cfg, ("bench",))
-        self.p_train, _ = compile_steps(self.objective, optimizer, schedule(cfg.optim, TOTAL_STEPS), 1)
-        self._run = self.p_train
-        mesh = device_mesh(1)
-        self.state = replicate(init_state(model.trainable, optimizer, cfg.trainer.seed), mesh)
-        self.frozen = replicate(model.frozen, mesh)
-        self.refs = replicate(refs or {}, mesh)
+        self.parallelism = parallelism
+        state = init_state(model.trainable, optimizer, cfg.trainer.seed)
+        if parallelism == "data":
+            self.train, _ = step.compile_steps(self.objective, optimizer, lr_schedule, 1)
+            mesh = device_mesh(1)
+            self.state = replicate(state, mesh)
+            self.frozen = replicate(model.frozen, mesh)
+            self.refs = replicate(refs or {}, mesh)
+            self._rows = None
+        else:
+            mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), sharded.AXES)
+            state_sharding = sharded.state_shardings(state, mesh)
+            frozen_sharding = sharded.tree_shardings(model.frozen, mesh)
+            refs_sharding = sharded.tree_shardings(refs or {}, mesh)
+            self.train, _ = sharded.compile_steps(self.objective, optimizer, lr_schedule, mesh, state_sharding,
+                                                  frozen_sharding, refs_sharding)
+            # Copies (may_alias=False): the state is donated, and the model's arrays may already sit on the
+            # device with this sharding; another Runner may start from them (the scaling section).
+            self.state = jax.device_put(state, state_sharding, may_alias=False)
+            self.frozen = jax.device_put(model.frozen, frozen_sharding, may_alias=False)
+            self.refs = jax.device_put(refs or {}, refs_sharding, may_alias=False)
+            self._rows = sharded.batch_sharding(mesh)
+        self._run = self.train
         self.model = model
         self.temp_bytes: int | None = None  # XLA temp buffers of the compiled step (activations, gradients)
 
+    def _batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The step's batch: host arrays for pmap, global arrays of the batch sharding for the sharded step."""
+        return batch if self._rows is None else jax.device_put(batch, self._rows)
+
     def step(self, batch: dict[str, np.ndarray]) -> float:
         """One optimizer step (blocking until done). Returns the loss."""
-        self.state, metrics = self._run(self.state, self.frozen, self.refs, batch)
+        self.state, metrics = self._run(self.state, self.frozen, self.refs, self._batch(batch))
         jax.block_until_ready((self.state, metrics))
-        return float(metrics["loss"][0])
+        loss = metrics["loss"]  # pmap: [devices]; sharded: a replicated scalar
+        return float(loss[0] if self._rows is None else loss)
 
     def compile(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
         """(trace + lower, XLA compile) seconds of the step for this batch shape; nothing runs."""
         start = time.perf_counter()
-        lowered = self.p_train.lower(self.state, self.frozen, self.refs, batch)
+        lowered = self.train.lower(self.state, self.frozen, self.refs, self._batch(batch))
         traced = time.perf_counter()
         self._run = lowered.compile()
         compiled = time.perf_counter()

@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 MiB = 2**20
+STEPS = {  # --parallelism: which sftjax train step the speed, memory, compile and scaling sections ran
+    "data": "parallelism data, the pmap step (`train/step.py`), one device",
+    "fsdp": ("parallelism fsdp, the sharded jit step (`train/sharded.py`) on a one-device mesh (data 1, fsdp 1, "
+             "tensor 1): nothing is split on one device"),
+}
 
 
 def _f(x: float | None, digits: int = 0) -> str:
@@ -49,6 +54,7 @@ def header(r: dict[str, Any]) -> list[str]:
          "q,k,v,o,gate,up,down; AdamW; QLoRA NF4 + double quant"),
         (f"- speed: the stacks take turns of {s['turn']} steps; medians of {s['steps']} steady steps (a turn's "
          f"first step not counted) after {s['warmup']} warm-up turn{'s' if s['warmup'] != 1 else ''} each"),
+        f"- sftjax step: {STEPS[s.get('parallelism', 'data')]}",
     ]
     return lines
 

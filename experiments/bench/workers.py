@@ -10,7 +10,9 @@
 
 A separate process per speed mode and per memory (stack, mode) keeps peaks apart and every stack's first step cold.
 Every payload names the platform ("cpu" | "gpu") and the precision ("float32" | "bf16"); on "gpu" each stack
-checks that it really runs on a GPU and stops with one line if not.
+checks that it really runs on a GPU and stops with one line if not. The payloads of the sections that run the
+sftjax step (speed, memory, compile, scaling) name its parallelism: "data" (the pmap step) or "fsdp" (the sharded
+step on a one-device mesh; jax_side.Runner).
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def speed(p: dict[str, Any]) -> dict[str, Any]:
 
     mode, b, T = p["mode"], p["batch"], p["seq"]
     cfg, model = _jax_model(p, mode)
-    runner = jax_side.Runner(cfg, model)
+    runner = jax_side.Runner(cfg, model, parallelism=p["parallelism"])
     peer, optimizer, facts = torch_side.build(p["hf_dir"], mode, p["rank"], p["alpha"], p["lr"], p["precision"],
                                               _torch_device(p))
     steps = {"sftjax": lambda tokens, targets: runner.step(jax_side.sftjax_batch(tokens, targets)),
@@ -169,7 +171,7 @@ def memory(p: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if stack == "sftjax":
         cfg, model = _jax_model(p, mode)
-        runner = jax_side.Runner(cfg, model)
+        runner = jax_side.Runner(cfg, model, parallelism=p["parallelism"])
         extra["compile_s"] = sum(runner.compile(jax_side.sftjax_batch(*data[0])))
         extra["xla_temp_bytes"] = runner.temp_bytes
 
@@ -207,14 +209,15 @@ def compile_sweep(p: dict[str, Any]) -> dict[str, Any]:
     _check_jax(p)
     # One-time costs (LLVM and XLA start-up) paid before the first measured compile.
     warm_cfg = jax_side.train_config("-", "full", p["rank"], p["alpha"], p["lr"], precision=p["precision"])
-    jax_side.Runner(warm_cfg, jax_side.random_model(warm_cfg, base.replace(num_layers=1))).compile(batch)
+    jax_side.Runner(warm_cfg, jax_side.random_model(warm_cfg, base.replace(num_layers=1)),
+                    parallelism=p["parallelism"]).compile(batch)
     rows = []
     for mode in p["modes"]:
         cfg = jax_side.train_config("-", mode, p["rank"], p["alpha"], p["lr"], precision=p["precision"])
         for layers in p["depths"]:
             for scan in (True, False):
                 model = jax_side.random_model(cfg, base.replace(num_layers=layers, scan_layers=scan))
-                lower_s, compile_s = jax_side.Runner(cfg, model).compile(batch)
+                lower_s, compile_s = jax_side.Runner(cfg, model, parallelism=p["parallelism"]).compile(batch)
                 rows.append({"mode": mode, "layers": layers, "scan_layers": scan, "lower_s": lower_s,
                              "compile_s": compile_s})
                 print(f"compile {mode} L={layers} scan={scan}: {lower_s:.1f} + {compile_s:.1f} s", file=sys.stderr)
@@ -230,7 +233,7 @@ def scaling(p: dict[str, Any]) -> dict[str, Any]:
         cfg, model = _jax_model(p, p["mode"], remat)
         for b, T in p["shapes"]:
             data = batches(p["warmup"] + p["steps"], b, T, p["model"]["vocab_size"], p["seed"])
-            runner = jax_side.Runner(cfg, model)
+            runner = jax_side.Runner(cfg, model, parallelism=p["parallelism"])
             lower_s, compile_s = runner.compile(jax_side.sftjax_batch(*data[0]))
             times = []
             for tokens, targets in data:

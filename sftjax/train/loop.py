@@ -192,6 +192,9 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     frozen_r = engine.place_frozen(frozen)
     refs_r = engine.place_refs(refs)
     del refs  # the placed copies are the ones the steps read
+    # The loaded trees move to the host (samples are generated from them): only the placed copies stay on devices.
+    frozen, trainable = jax.device_get(frozen), jax.device_get(trainable)
+    model = dataclasses.replace(model, frozen=frozen, trainable=jax.device_get(model.trainable))
     if rl:
         source.restore(data_state)
     else:

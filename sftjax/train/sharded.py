@@ -10,7 +10,7 @@ Same numerics as the pmap step. The batch keeps the pmap layout [G, A, b, T]: G 
 pmap device's rows; the groups are split over ("data", "fsdp"), each process holding its own), A micro-batches of
 b rows. The per-group objective is vmapped over G, with the dropout key of group d and micro-batch i at step s
 being fold_in(fold_in(fold_in(rng, s), d), i) as on pmap device d, and its sums are added over groups, micro-batches
-and tokens, then divided once by the global weight. The parity tests (tests/train/test_sharded.py) compare the
+and tokens, then divided once by the global weight. The parity tests (tests/train/test_parallel.py) compare the
 two steps on forced host devices: full, LoRA and QLoRA, with accumulation and dropout.
 
 The train state (donated), the frozen base and the references are global arrays with the shardings of

@@ -2,6 +2,7 @@
 
     python experiments/memory/simulate.py             # Llama 3.1 8B at 1 / 8 / 64 devices + the fit ladder (README)
     python experiments/memory/simulate.py --no-ladder # the 8B table alone
+    python experiments/memory/simulate.py --no-ladder --cpu-licm --no-write   # XLA:CPU's own pass pipeline
 
 For each (model, method, devices, layout) the SFT train step of `sftjax/train/sharded.py` is lowered and compiled
 (`compile_steps(...)[0].lower(*abstract args).compile()`) on a CPU mesh of forced host devices, with every argument
@@ -33,12 +34,17 @@ import os
 import sys
 
 DEVICES = 64  # forced host devices: the largest mesh
+# XLA:CPU computes bfloat16 dots in float32, and its loop-invariant code motion then converts whole stacked
+# bfloat16 arrays to float32 once, before the layer loop: for the 8B LoRA on one device a float32 copy of the
+# frozen base, +28 GB of temporaries that a GPU, with native bfloat16 dots, never makes. The pass is off by
+# default (the 8B table both ways: README.md); --cpu-licm turns it back on.
+NO_LICM = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 if __name__ == "__main__":  # before jax is imported; a smaller mesh uses the first N devices
-    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                               f"--xla_force_host_platform_device_count={DEVICES}").strip()
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                        f"--xla_force_host_platform_device_count={DEVICES}",
+                                        *([] if "--cpu-licm" in sys.argv else [NO_LICM])]).strip()
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -68,8 +74,9 @@ BUDGET = 80e9  # bytes of an 80 GB device
 GB = 1e9
 METHODS = ("full", "lora", "qlora")
 LORA = lora.LoraSpec(rank=16, alpha=32.0, target_modules="all-linear")
+# The rows of data/packing.py that SFT reads (class_ids it does not: jit drops an unused argument anyway).
 ROW_KEYS = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
-            "positions": jnp.int32, "task_ids": jnp.int32, "class_ids": jnp.int32}  # data/packing.py's rows
+            "positions": jnp.int32, "task_ids": jnp.int32}
 
 _LLAMA3 = dict(vocab_size=128256, head_dim=128, num_kv_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
                rope_theta=500000.0, rope_type="llama3", rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
@@ -161,6 +168,7 @@ def measure(cfg: ModelConfig, method: str, devices: int, layout: str, seq_len: i
     compiled = train.lower(state, frozen, {}, batch).compile()
     seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
+    gather, gather_shape = largest_gather(compiled.as_text())
     out = {
         "parameters": device_bytes(state["trainable"]) + device_bytes(frozen),
         "trainable": device_bytes(state["trainable"]),
@@ -172,9 +180,26 @@ def measure(cfg: ModelConfig, method: str, devices: int, layout: str, seq_len: i
         "alias": m.alias_size_in_bytes,
         "temporaries": m.temp_size_in_bytes,
         "compile_s": seconds,
+        "largest_gather": gather,  # bytes of the largest all-gather result in the per-device program
+        "largest_gather_shape": gather_shape,
     }
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temporaries"]
     return out
+
+
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+              "s64": 8, "u64": 8, "f64": 8}
+
+
+def largest_gather(hlo: str) -> tuple[int, str]:
+    """(bytes, "f32[64,1,2048,14336]") of the largest all-gather in a compiled module's text: what one device
+    gathers at once (a layer's weight under FSDP; activations of every group where the partitioner gathers those
+    instead)."""
+    best = (0, "")
+    for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\]\{[^}]*\} all-gather(?:-start)?\(", hlo):
+        size = math.prod(int(d) for d in dims.split(",") if d) * _HLO_BYTES.get(dtype, 4)
+        best = max(best, (size, f"{dtype}[{dims}]"))
+    return best
 
 
 def static_bytes(cfg: ModelConfig, method: str, devices: int, layout: str) -> int:
@@ -192,33 +217,35 @@ def static_bytes(cfg: ModelConfig, method: str, devices: int, layout: str) -> in
 
 
 def cells(ladder: bool, log) -> dict[tuple[str, str, int, str], dict[str, Any]]:
-    """Every measured (model, method, devices, layout). The 8B at 1 / 8 / 64 devices; with `ladder`, per method,
-    layout and device count the ladder from the smallest model up to the first that does not fit (a model whose
-    parameters and optimizer state alone exceed the budget is not compiled)."""
+    """Every measured (model, method, devices, layout). The 8B at 1 / 8 / 64 devices, all compiled; with `ladder`,
+    per method, layout and device count the ladder from the smallest model up to the first that does not fit (one
+    whose parameters and optimizer state alone exceed the budget is not compiled: nothing else could make it fit)."""
     results: dict[tuple[str, str, int, str], dict[str, Any]] = {}
 
-    def run(model, method, devices, layout):
+    def run(model, method, devices, layout, prune):
         key = (model, method, devices, layout)
         if key not in results:
-            floor = static_bytes(LADDER[model], method, devices, layout)
-            results[key] = ({"static_only": True, "parameters+optimizer": floor} if floor > BUDGET
+            held = static_bytes(LADDER[model], method, devices, layout) if prune else 0
+            results[key] = ({"static_only": True, "parameters+optimizer": held} if held > BUDGET
                             else measure(LADDER[model], method, devices, layout))
             log(key, results[key])
         return results[key]
 
     for method in METHODS:
-        run("8B", method, 1, "data")
-        for devices in (8, 64):
-            for layout in ("data", "fsdp"):
-                run("8B", method, devices, layout)
+        for devices, layout in LAYOUTS_8B:
+            run("8B", method, devices, layout, prune=False)
     if ladder:
         for method in METHODS:
-            for devices in (8, 64):
-                for layout in ("data", "fsdp"):
-                    for model in LADDER:
-                        if not fits(run(model, method, devices, layout)):
-                            break
+            for devices, layout in FIT_COLUMNS:
+                for model in LADDER:
+                    if not fits(run(model, method, devices, layout, prune=True)):
+                        break
     return results
+
+
+LAYOUTS_8B = ((1, "data"), (8, "data"), (8, "fsdp"), (64, "data"), (64, "fsdp"))
+FIT_COLUMNS = ((8, "data"), (8, "fsdp"), (64, "data"), (64, "fsdp"))
+LAYOUT_NAMES = {"data": "data-parallel", "fsdp": "FSDP"}
 
 
 def fits(cell: dict[str, Any]) -> bool:
@@ -233,51 +260,50 @@ def table_8b(results) -> str:
     lines = ["| method | devices | layout | parameters | optimizer state | temporaries | total |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for method in METHODS:
-        for devices, layouts in ((1, ("data",)), (8, ("data", "fsdp")), (64, ("data", "fsdp"))):
-            for layout in layouts:
-                c = results[("8B", method, devices, layout)]
-                name = "one device" if devices == 1 else {"data": "data-parallel", "fsdp": "FSDP"}[layout]
-                if c.get("static_only"):
-                    lines.append(f"| {method} | {devices} | {name} | {gb(c['parameters+optimizer'])} "
-                                 "(with optimizer) | | (not compiled) | > 80 |")
-                    continue
-                lines.append(f"| {method} | {devices} | {name} | {gb(c['parameters'])} | {gb(c['optimizer'])} | "
-                             f"{gb(c['temporaries'])} | {gb(c['total'])} |")
+        for devices, layout in LAYOUTS_8B:
+            c = results[("8B", method, devices, layout)]
+            name = "one device" if devices == 1 else LAYOUT_NAMES[layout]
+            lines.append(f"| {method} | {devices} | {name} | {gb(c['parameters'])} | {gb(c['optimizer'])} | "
+                         f"{gb(c['temporaries'])} | **{gb(c['total'])}** |")
     return "\n".join(lines)
 
 
 def table_fit(results) -> str:
-    columns = [(8, "data"), (8, "fsdp"), (64, "data"), (64, "fsdp")]
-    head = " | ".join(f"{'data-parallel' if layout == 'data' else 'FSDP'} x{n}" for n, layout in columns)
-    lines = [f"| method | {head} |", "| --- |" + " --- |" * len(columns)]
+    """Per method and layout: the largest model that fits (its total), then the next size up and what it needs."""
+    head = " | ".join(f"{LAYOUT_NAMES[layout]} x{n}" for n, layout in FIT_COLUMNS)
+    lines = [f"| method | {head} |", "| --- |" + " --- |" * len(FIT_COLUMNS)]
     for method in METHODS:
         row = []
-        for n, layout in columns:
+        for n, layout in FIT_COLUMNS:
             measured = [(m, results[(m, method, n, layout)]) for m in LADDER if (m, method, n, layout) in results]
             fitting = [(m, c) for m, c in measured if fits(c)]
-            best = f"{fitting[-1][0]} ({gb(fitting[-1][1]['total'])} GB)" if fitting else "none"
+            text = f"**{fitting[-1][0]}** ({gb(fitting[-1][1]['total'])})" if fitting else "none"
             beyond = [(m, c) for m, c in measured if not fits(c)]
             if beyond:
                 m, c = beyond[0]
-                need = c["parameters+optimizer"] if c.get("static_only") else c["total"]
-                best += f"; {m}: {gb(need)}{'+' if c.get('static_only') else ''}"
+                text += (f"; {m} > {gb(c['parameters+optimizer'])}" if c.get("static_only")
+                         else f"; {m} {gb(c['total'])}")
             else:
-                best += "; the largest tried"
-            row.append(best)
+                text += "; the largest tried"
+            row.append(text)
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def table_ladder(results) -> str:
-    lines = ["| model | method | devices | layout | parameters | optimizer | temporaries | total | compile s |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for (model, method, devices, layout), c in results.items():
+    lines = ["| model | method | devices | layout | parameters | optimizer | temporaries | total | largest all-gather "
+             "| compile s |", "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    order = sorted(results, key=lambda k: (METHODS.index(k[1]), list(LADDER).index(k[0]), k[2], k[3]))
+    for key in order:
+        model, method, devices, layout = key
+        c = results[key]
         if c.get("static_only"):
-            lines.append(f"| {model} | {method} | {devices} | {layout} | {gb(c['parameters+optimizer'])} (with "
-                         "optimizer) | | (not compiled) | > 80 | |")
+            lines.append(f"| {model} | {method} | {devices} | {layout} | > {gb(c['parameters+optimizer'])} with the "
+                         "optimizer state | | (not compiled) | > 80 | | |")
         else:
-            lines.append(f"| {model} | {method} | {devices} | {layout} | {gb(c['parameters'])} | "
-                         f"{gb(c['optimizer'])} | {gb(c['temporaries'])} | {gb(c['total'])} | {c['compile_s']:.0f} |")
+            gather = f"{c['largest_gather_shape']} {gb(c['largest_gather'])}" if c["largest_gather"] else "none"
+            lines.append(f"| {model} | {method} | {devices} | {layout} | {gb(c['parameters'])} | {gb(c['optimizer'])} "
+                         f"| {gb(c['temporaries'])} | {gb(c['total'])} | {gather} | {c['compile_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -286,6 +312,8 @@ def table_ladder(results) -> str:
 
 
 def host() -> str:
+    """"AMD EPYC family 26 model 2, 2 cores": lscpu's model name, family and model (a cloud VM's name alone does
+    not tell hosts apart)."""
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
@@ -295,7 +323,8 @@ def host() -> str:
 
 
 def write_readme(block: str) -> None:
-    """Put `block` between the simulate markers of README.md (appended when they are missing)."""
+    """Put `block` between the simulate.py markers of README.md (appended when they are missing); the rest of the
+    README is written by hand."""
     readme = HERE / "README.md"
     begin, end = "<!-- simulate.py: begin -->", "<!-- simulate.py: end -->"
     text = readme.read_text() if readme.exists() else ""
@@ -310,34 +339,40 @@ def write_readme(block: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-ladder", action="store_true", help="the 8B table only (no fit ladder)")
+    parser.add_argument("--cpu-licm", action="store_true", help="keep XLA:CPU's loop-invariant code motion on")
     parser.add_argument("--no-write", action="store_true", help="print only; leave README.md and results/ alone")
     args = parser.parse_args()
-    command = "python experiments/memory/simulate.py" + (" --no-ladder" if args.no_ladder else "")
+    command = " ".join(["python experiments/memory/simulate.py", *(a for a in sys.argv[1:] if a != "--no-write")])
     start = time.perf_counter()
 
     def log(key, cell):
         detail = (f"params+opt {gb(cell['parameters+optimizer'])} GB > 80: not compiled" if cell.get("static_only")
                   else f"total {gb(cell['total'])} GB, compile {cell['compile_s']:.0f} s")
-        print(f"[{time.perf_counter() - start:6.0f} s] {' '.join(map(str, key))}: {detail}", flush=True)
+        print(f"[{time.perf_counter() - start:4.0f} s] {' '.join(map(str, key))}: {detail}", flush=True)
 
     results = cells(not args.no_ladder, log)
     minutes = (time.perf_counter() - start) / 60
     date = datetime.date.today().isoformat()
-    parts = [f"Made by `{command}` on {date} (jax {jax.__version__}, {host()}, {minutes:.0f} min; XLA:CPU with "
-             f"{DEVICES} forced host devices). Sequence length {SEQ_LEN}, one row per group, bfloat16 compute, "
-             "remat full. GB = 1e9 bytes, per device.",
-             "### Llama 3.1 8B, per device (GB)", table_8b(results)]
+    licm = "on" if args.cpu_licm else "off"
+    parts = [f"Made by `{command}` on {date}: jax {jax.__version__}, {host()}, {minutes:.0f} min; XLA:CPU with "
+             f"{DEVICES} forced host devices, loop-invariant code motion {licm}. Sequence length {SEQ_LEN}, one row "
+             "per group (per device) and micro-batch, bfloat16 compute, remat full, AdamW. GB = 1e9 bytes, per "
+             "device; total = arguments + outputs - donated aliases + temporaries.",
+             "#### Llama 3.1 8B, per device (GB)", table_8b(results)]
     if not args.no_ladder:
-        parts += ["### The largest Llama 3 model that fits an 80 GB device (total per device, GB; then the next "
-                  "size up and what it would need, `+`: parameters and optimizer state alone)", table_fit(results),
-                  "### Every measured cell (GB per device)", table_ladder(results)]
+        parts += ["#### The largest Llama 3 model that fits an 80 GB device",
+                  "Each cell: the largest of 1B / 3B / 8B / 70B / 405B whose total per device is at most 80 GB "
+                  "(that total), then the next size up and its total (`>`: its parameters and optimizer state "
+                  "alone, not compiled).", table_fit(results),
+                  "#### Every measured cell (GB per device)", table_ladder(results)]
     block = "\n\n".join(parts)
     print(block)
     if not args.no_write:
         write_readme(block)
         out = HERE / "results" / f"simulate-{date}.json"
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"command": command, "date": date, "host": host(), "seq_len": SEQ_LEN,
+        out.write_text(json.dumps({"command": command, "date": date, "host": host(), "jax": jax.__version__,
+                                   "seq_len": SEQ_LEN, "cpu_licm": args.cpu_licm,
                                    "cells": [{"model": k[0], "method": k[1], "devices": k[2], "layout": k[3], **v}
                                              for k, v in results.items()]}, indent=1) + "\n")
 

@@ -40,6 +40,8 @@ function before its step is traced:
     pre_seam            the train step as it was before objectives became plug-ins: SFT's sums called by name,
                         its three metrics only, instead of `step.train_step` asking the objective for sums and
                         metrics (the same program up to the metrics it returns)
+    select_guard        the finite guard as jnp.where(finite, new, old) over the state instead of
+                        `step.apply_sums`'s lax.cond (a select keeps both states among the temporaries)
 
 Prints per variant: median step seconds and tokens/s over the steps after --warmup, the loss of the first and
 last step (variants compute the same thing: the losses agree to float32 rounding), and XLA's temp buffer size.
@@ -152,6 +154,24 @@ def _pre_seam_train_step(state, frozen, refs, batch, *, objective, optimizer, lr
                        "finite": finite.astype(jnp.float32)}
 
 
+def _select_apply_sums(state, grads, sums, *, objective, optimizer, lr_schedule):
+    """step.apply_sums with the finite guard as a select of the new state against the old (before the cond)."""
+    import optax
+
+    trainable = state["trainable"]
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    loss = sums["loss"] / weight
+    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_state = {"step": state["step"] + 1, "trainable": jax.tree.map(keep, new_trainable, trainable),
+                 "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]), "rng": state["rng"]}
+    return new_state, {**objective.metrics(sums), "loss": loss, "grad_norm": optax.tree.norm(grads),
+                       "lr": lr_schedule(state["step"]), "finite": finite.astype(jnp.float32)}
+
+
 # variant -> [(module, attribute, replacement)]
 VARIANTS = {
     "current": [],
@@ -168,6 +188,7 @@ VARIANTS = {
     "factored_lora": [(layers, "lora_merge_pays", lambda *shape: False)],
     "unfused_projections": [(attention, "dense", _unfused_dense), (transformer, "dense", _unfused_dense)],
     "pre_seam": [(step, "train_step", _pre_seam_train_step)],
+    "select_guard": [(step, "apply_sums", _select_apply_sums)],
 }
 
 

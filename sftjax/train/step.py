@@ -76,22 +76,22 @@ def apply_sums(state: PyTree, grads: PyTree, sums: dict[str, jax.Array], *, obje
                optimizer: optax.GradientTransformation,
                lr_schedule: optax.Schedule) -> tuple[PyTree, dict[str, jax.Array]]:
     """The end of a step (pmap's and the sharded one's): the global summed gradient and sums divided once by the
-    weight, the optimizer update, kept only when the loss and the gradient are finite; (new state, metrics)."""
+    weight, the optimizer update, applied only when the loss and the gradient are finite; (new state, metrics).
+
+    The guard is a `lax.cond`, not a select of new against old: a select keeps both states alive, one more copy
+    of the weights and the optimizer state among the step's temporaries."""
     trainable = state["trainable"]
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     loss = sums["loss"] / weight
-
-    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    new_state = {
-        "step": state["step"] + 1,
-        "trainable": jax.tree.map(keep, new_trainable, trainable),
-        "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
-        "rng": state["rng"],
-    }
+
+    def update(_):
+        updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+        return optax.apply_updates(trainable, updates), opt_state
+
+    new_trainable, opt_state = jax.lax.cond(finite, update, lambda _: (trainable, state["opt_state"]), None)
+    new_state = {"step": state["step"] + 1, "trainable": new_trainable, "opt_state": opt_state, "rng": state["rng"]}
     metrics = {
         **objective.metrics(sums),
         "loss": loss,

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from sftjax.model.config import ModelConfig
 from sftjax.peft import quant
@@ -181,7 +182,7 @@ def dense(x: jax.Array, ws: Sequence[DenseWeights], cfg: ModelConfig) -> list[ja
     folded into its kernel, x @ (W + scale * A @ B), where that costs fewer FLOPs (`lora_merge_pays`).
     """
     dtype = jnp.dtype(cfg.dtype)
-    x = x.astype(dtype)
+    x = rows_as_given(x.astype(dtype))
     ys, shared = [], []  # shared: (index, (a, b)) of the adapters that read x
     for w in ws:
         lora = w.lora
@@ -205,7 +206,18 @@ def dense(x: jax.Array, ws: Sequence[DenseWeights], cfg: ModelConfig) -> list[ja
     if shared:
         for (i, _), term in zip(shared, lora_update(x, [lora for _, lora in shared], cfg.lora_scale)):
             ys[i] = ys[i] + term
-    return ys
+    return [rows_as_given(y) for y in ys]
+
+
+def rows_as_given(x: jax.Array) -> jax.Array:
+    """x, unchanged; under a device mesh (`jax.set_mesh`: the sharded step, `train/sharded.py`) also pinned to
+    stay split as its rows are, every other axis left to XLA. The sharded step vmaps the model over groups of rows
+    with `spmd_axis_name`, which turns this into "split over the groups": without it, XLA's partitioner may gather
+    every group's activations onto every device instead of the weights (at 64 devices, experiments/memory)."""
+    mesh = jax.sharding.get_abstract_mesh()  # inside pmap (a shard_map) its axes are Manual: nothing to pin
+    if mesh.empty or jax.sharding.AxisType.Auto not in mesh.axis_types:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*[PartitionSpec.UNCONSTRAINED] * x.ndim))
 
 
 class RMSNorm(nn.Module):

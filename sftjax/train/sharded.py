@@ -159,10 +159,26 @@ def eval_sums(trainable: PyTree, frozen: PyTree, refs: PyTree, batch: dict[str, 
     return _group_sums(objective, merge_params(frozen, trainable), refs, batch, None)
 
 
+class InMesh:
+    """A jitted function called and lowered under `jax.set_mesh(mesh)`, so that the model's activation constraints
+    (`layers.rows_as_given`) see the mesh; `set_mesh` cannot be entered inside `jax.jit`."""
+
+    def __init__(self, fn, mesh: Mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args)
+
+
 def compile_steps(objective: Objective, optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule,
                   mesh: Mesh, state_sharding: PyTree, frozen_sharding: PyTree, refs_sharding: PyTree):
-    """(train(state, frozen, refs, batch), eval(trainable, frozen, refs, batch)) jitted over `mesh`; the state is
-    donated and keeps `state_sharding`."""
+    """(train(state, frozen, refs, batch), eval(trainable, frozen, refs, batch)) jitted over `mesh` (`InMesh`);
+    the state is donated and keeps `state_sharding`."""
     rows = batch_sharding(mesh)
     train = jax.jit(functools.partial(train_step, objective=objective, optimizer=optimizer, lr_schedule=lr_schedule),
                     in_shardings=(state_sharding, frozen_sharding, refs_sharding, rows),
@@ -170,4 +186,4 @@ def compile_steps(objective: Objective, optimizer: optax.GradientTransformation,
     evaluate = jax.jit(functools.partial(eval_sums, objective=objective),
                        in_shardings=(state_sharding["trainable"], frozen_sharding, refs_sharding, rows),
                        out_shardings=replicated(mesh))
-    return train, evaluate
+    return InMesh(train, mesh), InMesh(evaluate, mesh)

@@ -117,9 +117,26 @@ def _unfused_dense(x, ws, cfg):
     return [y for w in ws for y in layers.dense(x, [w], cfg)]
 
 
+def _select_apply_sums(state, grads, sums, *, objective, optimizer, lr_schedule):
+    """step.apply_sums with the finite guard as a select of the new state against the old (before the cond)."""
+    import optax
+
+    trainable = state["trainable"]
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    loss = sums["loss"] / weight
+    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_state = {"step": state["step"] + 1, "trainable": jax.tree.map(keep, new_trainable, trainable),
+                 "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]), "rng": state["rng"]}
+    return new_state, {**objective.metrics(sums), "loss": loss, "grad_norm": optax.tree.norm(grads),
+                       "lr": lr_schedule(state["step"]), "finite": finite.astype(jnp.float32)}
+
+
 def _pre_seam_train_step(state, frozen, refs, batch, *, objective, optimizer, lr_schedule):
     """step.train_step before the objective seam: sft_sums by name, metrics loss / accuracy / tokens."""
-    import optax
 
     trainable = state["trainable"]
     key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]),
@@ -141,35 +158,10 @@ def _pre_seam_train_step(state, frozen, refs, batch, *, objective, optimizer, lr
     (grads, sums), _ = jax.lax.scan(accumulate, init, (jnp.arange(batch["tokens"].shape[0]), batch))
     grads, sums = jax.lax.psum((grads, sums), step.AXIS)
     tokens = jnp.maximum(sums["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
-    loss = sums["loss"] / tokens
-    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    new_state = {"step": state["step"] + 1, "trainable": jax.tree.map(keep, new_trainable, trainable),
-                 "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]), "rng": state["rng"]}
-    return new_state, {"loss": loss, "accuracy": sums["correct"] / tokens, "tokens": sums["weight"],
-                       "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state["step"]),
-                       "finite": finite.astype(jnp.float32)}
-
-
-def _select_apply_sums(state, grads, sums, *, objective, optimizer, lr_schedule):
-    """step.apply_sums with the finite guard as a select of the new state against the old (before the cond)."""
-    import optax
-
-    trainable = state["trainable"]
-    weight = jnp.maximum(sums["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
-    loss = sums["loss"] / weight
-    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    new_state = {"step": state["step"] + 1, "trainable": jax.tree.map(keep, new_trainable, trainable),
-                 "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]), "rng": state["rng"]}
-    return new_state, {**objective.metrics(sums), "loss": loss, "grad_norm": optax.tree.norm(grads),
-                       "lr": lr_schedule(state["step"]), "finite": finite.astype(jnp.float32)}
+    new_state, metrics = _select_apply_sums(state, grads, sums, objective=objective, optimizer=optimizer,
+                                            lr_schedule=lr_schedule)
+    return new_state, {"loss": metrics["loss"], "accuracy": sums["correct"] / tokens, "tokens": sums["weight"],
+                       **{k: metrics[k] for k in ("grad_norm", "lr", "finite")}}
 
 
 # variant -> [(module, attribute, replacement)]

@@ -225,7 +225,7 @@ def test_ab_restores_the_patched_functions():
     def patchable():
         return (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention,
                 attention.causal_attention, layers.lora_update, layers.qlinear, quant._code_values, sft.token_nll,
-                layers.lora_merge_pays, attention.dense, transformer.dense, step.train_step)
+                layers.lora_merge_pays, attention.dense, transformer.dense, step.train_step, step.apply_sums)
 
     before = patchable()
     for variant in ab.VARIANTS:

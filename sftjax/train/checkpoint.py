@@ -49,7 +49,7 @@ _ITEMS = (_STATE, _LAYOUT, _EXTRAS)
 _HASH_THREADS = 4
 
 
-def _segment(key: Any) -> str:
+def path_segment(key: Any) -> str:
     """One pytree key (dict key, attribute, index) as a path segment."""
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
@@ -60,7 +60,7 @@ def _segment(key: Any) -> str:
 def _flatten(tree: PyTree) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
     """[(path segments, leaf)] in flatten order, and the treedef; rejects paths that collide as strings."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    flat = [(tuple(_segment(k) for k in path), leaf) for path, leaf in with_path]
+    flat = [(tuple(path_segment(k) for k in path), leaf) for path, leaf in with_path]
     seen = set()
     for path, leaf in flat:
         if not path or path in seen:

@@ -30,6 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sftjax.objectives.base import Objective
+from sftjax.train.checkpoint import path_segment
 from sftjax.train.state import merge_params
 from sftjax.train.step import apply_sums
 
@@ -46,13 +47,6 @@ def make_mesh(data: int, fsdp: int, tensor: int) -> Mesh:
     each process's devices form a contiguous block of groups (its slice of each global batch)."""
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), AXES)
-
-
-def _segment(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
 
 
 def leaf_spec(path: tuple[str, ...], shape: tuple[int, ...], fsdp: int, tensor: int) -> PartitionSpec:
@@ -84,7 +78,7 @@ def tree_shardings(tree: PyTree, mesh: Mesh) -> PyTree:
     fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
 
     def one(path, leaf):
-        return NamedSharding(mesh, leaf_spec(tuple(_segment(k) for k in path), tuple(np.shape(leaf)), fsdp, tensor))
+        return NamedSharding(mesh, leaf_spec(tuple(path_segment(k) for k in path), tuple(np.shape(leaf)), fsdp, tensor))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

@@ -24,7 +24,6 @@ import pytest
 from sftjax.config import OptimSection
 from sftjax.train.checkpoint import Checkpointer
 from sftjax.train.optim import make_optimizer
-from sftjax.train.setup import run_trainable  # noqa: F401  (documents where the trainable tree comes from)
 from sftjax.train.state import init_state
 from tests.train.conftest import run_train, train_command
 

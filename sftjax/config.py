@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -75,11 +75,13 @@ class DataSection:
     eval_fraction: float = 0.0  # when eval is empty: hold out this fraction of each training dataset
     seq_len: int = 512  # T: tokens per packed row
     mask: str = "completion"  # completion | last_turn | all: which tokens are trained
+    mask_rule: str = "auto"  # how chat masks are found: auto | tags | per_turn | search (data/chat_spans.py)
     append_eos: bool = True  # append EOS (trained) where the text does not end its own turn
     over_long: str = "truncate"  # truncate (keep the completion) | drop | error
     packing: str = "bfd"  # bfd | greedy | none (one example per row, padded)
     pack_window: int = 1024  # examples packed together
     chat_template: Optional[str] = None  # override the tokenizer's template: built-in name or .jinja path
+    template_kwargs: Dict[str, Any] = field(default_factory=dict)  # chat-template variables (enable_thinking, tools)
     seed: int = 0  # shuffling seed (also decides the held-out split)
 
 

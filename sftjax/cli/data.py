@@ -5,7 +5,8 @@
 
 It reads the same Hydra configuration as `sftjax-train` (conf/, the same overrides and shorthands), so what it
 reports is what training will get: per task, records, kept, dropped (empty loss mask / over seq_len), truncated,
-tokens and trained tokens (mean and max lengths); packing efficiency over one epoch; N rendered examples with the
+tokens and trained tokens (mean and max lengths), how many chats each mask rule masked (data/chat_spans.py: tags,
+per_turn or search); packing efficiency over one epoch; N rendered examples with the
 trained tokens marked as [[...]] (a head task's examples with their label and class index, and its classes with
 the examples of each in the split; a preference pair's chosen and rejected sequences, each with its trained
 completion marked, and the pairs dropped because chosen = rejected or because they do not fit a row); the same for
@@ -33,6 +34,12 @@ from sftjax.errors import UserError
 from sftjax.train.setup import build_data, build_tokenizer, model_config
 
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"  # marks around trained tokens in rendered examples
+RULE_NOTES = {  # how chat masks were found (data/chat_spans.py)
+    "tags": "the template's {% generation %} tags",
+    "per_turn": "per-turn rendering: the template is prefix-stable",
+    "search": "each assistant content found in the one render: the template rewrites earlier turns",
+    "all": "every token (data.mask=all)",
+}
 _USAGE = "usage: sftjax-data [--show N] [--json] [Hydra overrides of the training config ...]"
 
 
@@ -81,7 +88,8 @@ def split_report(prepared: Prepared, tok: Tokenizer, show: int) -> dict:
     labels = prepared.labels or (None,) * len(prepared.datasets)
     for task_id, (st, examples, classes) in enumerate(zip(prepared.stats, prepared.datasets, labels)):
         lengths = np.array([len(e.tokens) for e in examples])
-        shown = [{"where": e.where, "text": render_marked(tok, e)} if not e.split else
+        shown = [{"where": e.where, "text": render_marked(tok, e), **({"rule": e.rule} if e.rule else {})}
+                 if not e.split else
                  {"where": e.where, "chosen": render_marked(tok, _part(e, 0)),
                   "rejected": render_marked(tok, _part(e, 1))} for e in examples[:show]]
         head = {}
@@ -153,6 +161,8 @@ def print_text(result: dict) -> None:
                       f"{t['truncated']} truncated; {t['used']} in this split")
             print(f"  tokens {t['tokens']} (trained {t['trained_tokens']}), per example mean {t['mean_tokens']} "
                   f"max {t['max_tokens']}")
+            for rule, n in t.get("mask_rules", {}).items():
+                print(f"  chat masks: {n} by {rule} ({RULE_NOTES.get(rule, rule)})")
             if "classes" in t:
                 classes = ", ".join(f"{i} {c!r} ({n})" for i, (c, n) in enumerate(t["classes"].items()))
                 print(f"  head: {len(t['classes'])} classes, examples in this split: {classes}")
@@ -164,7 +174,8 @@ def print_text(result: dict) -> None:
                     print(f"  --- {ex['where']} (head example: label {ex['label']!r}, class {ex['class_id']}, "
                           f"read at the last token)\n{ex['text']}")
                 else:
-                    print(f"  --- {ex['where']} (trained tokens in {TRAINED_OPEN} {TRAINED_CLOSE})\n{ex['text']}")
+                    rule = f", mask rule {ex['rule']}" if "rule" in ex else ""
+                    print(f"  --- {ex['where']} (trained tokens in {TRAINED_OPEN} {TRAINED_CLOSE}{rule})\n{ex['text']}")
         print(f"packing: {r['rows_per_epoch']} rows of {r['seq_len']} per epoch, "
               f"efficiency {r['packing_efficiency']:.1%}")
 

@@ -3,7 +3,8 @@ by record.
 
 Formats (the first record's keys pick one unless `format=` overrides; extra keys are ignored):
 
-    chat               {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
+    chat               {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
+                        "tools": [...] (optional), "chat_template_kwargs": {...} (optional)}
     prompt_completion  {"prompt": str, "completion": str}
     alpaca             {"instruction": str, "input": str (optional), "output": str}
     text               {"text": str}                      (continued pre-training: every token is trained)
@@ -14,6 +15,11 @@ Preference records come in TRL's three shapes (`Pair` below): text (`prompt`, `c
 conversational with an explicit prompt (`prompt` a message list, `chosen` / `rejected` the assistant's message
 lists, or strings taken as one assistant message); conversational with an implicit prompt (`chosen` / `rejected`
 whole conversations that agree up to their final assistant message, which is where they may differ).
+
+A chat message's content is a string or a list of text parts `[{"type": "text", "text": "..."}]`, passed to the
+template as given (`content_text` joins the parts); an assistant message may carry `tool_calls` instead of content,
+and a message any other key the template reads (`reasoning_content`, `name`, ...). A chat record's `tools` and
+`chat_template_kwargs` become template variables for that record (TRL's dataset columns of the same names).
 
 A file is JSON Lines (one object per line, blank lines skipped) or one JSON array of objects. Every record becomes
 an `Example`: either chat `messages` (rendered later by the model's chat template) or plain `prompt` + `completion`
@@ -67,6 +73,7 @@ class Example:
     prompt: str = ""
     completion: str = ""
     label: str | None = None  # the class of a head example (see the module docstring); None: trained as text
+    template_kwargs: dict[str, Any] | None = None  # a chat record's own template variables (tools, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +135,44 @@ def _string(record: dict[str, Any], key: str, where: str, optional: bool = False
     return value
 
 
+def content_text(content: Any) -> str:
+    """A message's content as text: the string, or its text parts joined (None: '')."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content)
+
+
+def _check_content(content: Any, key: str) -> None:
+    """A content is a string or a list of text parts [{"type": "text", "text": str}, ...] (OpenAI / transformers)."""
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise DataError(f"{key} must be a string or a list of text parts, got {_type_name(content)} {_show(content)}")
+    for j, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise DataError(f"{key}[{j}] must be a text part {{\"type\": \"text\", \"text\": \"...\"}}, got "
+                            f"{_show(part)} (only text is supported)")
+
+
+def _template_fields(record: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """A chat record's own template variables: `tools` (a list of JSON schemas) and `chat_template_kwargs` (an
+    object), as in TRL's datasets; None when it has neither."""
+    out = {}
+    if record.get("tools") is not None:
+        if not isinstance(record["tools"], list):
+            raise DataError(f"{where}: field 'tools' must be an array of tool schemas, got "
+                            f"{_type_name(record['tools'])}")
+        out["tools"] = record["tools"]
+    if record.get("chat_template_kwargs") is not None:
+        if not isinstance(record["chat_template_kwargs"], dict):
+            raise DataError(f"{where}: field 'chat_template_kwargs' must be an object, got "
+                            f"{_type_name(record['chat_template_kwargs'])}")
+        out.update(record["chat_template_kwargs"])
+    return out or None
+
+
 def _messages(record: dict[str, Any], where: str, field: str = "messages") -> tuple[dict[str, Any], ...]:
     if field not in record:
         raise DataError(f"{where}: missing field '{field}'")
@@ -151,9 +196,7 @@ def _messages(record: dict[str, Any], where: str, field: str = "messages") -> tu
         if not tool_call_only:
             if "content" not in message:
                 raise DataError(f"{where}: {key} ({role}) has no 'content'")
-            if not isinstance(content, str):
-                raise DataError(f"{where}: {key}.content must be a string, got {_type_name(content)} "
-                                f"{_show(content)}")
+            _check_content(content, f"{where}: {key}.content")
         out.append(dict(message))
     return tuple(out)
 
@@ -179,13 +222,14 @@ def _head_chat(record: dict[str, Any], where: str) -> Example:
     """A chat head example: the label field with the messages whole, or the final assistant turn's content."""
     messages = _messages(record, where)
     if "label" in record:
-        return Example(where, messages=messages, label=_label(record, where, None))
-    final = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        return Example(where, messages=messages, label=_label(record, where, None),
+                       template_kwargs=_template_fields(record, where))
+    final = content_text(messages[-1]["content"]) if messages[-1]["role"] == "assistant" else None
     label = _label(record, where, final)
     if len(messages) == 1:
         raise DataError(f"{where}: no message before the final assistant turn (a head example's input is the "
                         "conversation before its label)")
-    return Example(where, messages=messages[:-1], label=label)
+    return Example(where, messages=messages[:-1], label=label, template_kwargs=_template_fields(record, where))
 
 
 def parse_record(record: Any, fmt: str, where: str, as_chat: bool = False, head: bool = False) -> Example:
@@ -208,7 +252,9 @@ def parse_record(record: Any, fmt: str, where: str, as_chat: bool = False, head:
         raise DataError(f"{where}: format text cannot have a classification head (head=true needs chat, "
                         "prompt_completion or alpaca records)")
     if fmt == "chat":
-        return _head_chat(record, where) if head else Example(where, messages=_messages(record, where))
+        if head:
+            return _head_chat(record, where)
+        return Example(where, messages=_messages(record, where), template_kwargs=_template_fields(record, where))
     if fmt == "text":
         return Example(where, completion=_string(record, "text", where))
     optional = head and "label" in record  # the label field stands for the completion

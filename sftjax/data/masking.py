@@ -3,13 +3,9 @@
 An example becomes text plus the character spans to train on:
 
   * plain (prompt + completion): text = prompt + completion, span = the completion's characters.
-  * chat, template with `{% generation %}` tags: the spans the template itself marks.
-  * chat, otherwise, per-turn rendering: for each assistant message i,
-        before_i  = render(messages[:i], add_generation_prompt=True)
-        through_i = render(messages[:i+1])
-    and the span is [len(before_i), len(through_i)): everything the template writes for that turn after the
-    generation prompt (content and end-of-turn marker). The template must be prefix-stable
-    (before_i is a prefix of through_i, which is a prefix of the full render); otherwise a DataError says so.
+  * chat: the conversation rendered once by its chat template, and the spans of its assistant turns, found by
+    `chat_spans.py` ({% generation %} tags, per-turn rendering, or, for templates that rewrite earlier turns, a
+    search for each assistant content in the render). `Tokenized.rule` records which.
 
 The text is encoded once, in a batch, exactly as `apply_chat_template` would (chat: no added special tokens;
 plain: the tokenizer's post-processor adds BOS if it has one). A token is trained when its character offsets
@@ -21,6 +17,8 @@ must produce it. Modes: "completion" (default: completions / all assistant turns
 EOS: with `append_eos`, plain examples get EOS appended and trained (unless the post-processor already put it
 there); chat examples get it only when the final trained turn contains no control token (a template without an
 end-of-turn marker), since the template's own end of turn (<|im_end|>, <|eot_id|>) is already trained.
+BOS: a chat carries the BOS its template writes; plain text gets the post-processor's. Text that already starts with
+the BOS string gets one BOS, not two.
 
 Head examples (`Example.label` set, for a classification head that reads the hidden state of the LAST token, as
 transformers' `*ForSequenceClassification` pools): the prompt only, nothing trained as text (mask all False, no EOS
@@ -37,12 +35,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jinja2
 import numpy as np
 
+from sftjax.data.chat_spans import RULES, chat_spans, render
 from sftjax.data.errors import DataError
 from sftjax.data.formats import Example
-from sftjax.data.templates import has_generation_tags
 from sftjax.data.tokenizer import Tokenizer
 
 MASK_MODES = ("completion", "last_turn", "all")
@@ -68,6 +65,7 @@ class Tokenized:
     split: int = 0
     margin: float = 0.0
     ref: tuple[float, float] | None = None
+    rule: str = ""  # how a chat's mask was found (chat_spans.py: tags | per_turn | search; all); "" for plain text
 
     @property
     def num_trained(self) -> int:
@@ -76,45 +74,6 @@ class Tokenized:
         if self.split:
             return int(self.mask[1:self.split].sum() + self.mask[self.split + 1:].sum())
         return int(self.mask[1:].sum())
-
-
-def _render(tok: Tokenizer, messages, where: str, kwargs: dict, add_generation_prompt: bool = False,
-            with_spans: bool = False):
-    try:
-        return tok.render_chat(list(messages), add_generation_prompt, with_spans, **kwargs)
-    except jinja2.TemplateError as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{where}: chat template failed to render: {message}") from None
-
-
-def chat_spans(tok: Tokenizer, messages: Sequence[dict], mode: str, where: str,
-               template_kwargs: dict | None = None) -> tuple[str, list[Span]]:
-    """Rendered chat and the character spans of its trained assistant turns (see the module docstring).
-
-    template_kwargs: extra template variables (e.g. date_string, enable_thinking).
-    """
-    kw = template_kwargs or {}
-    if mode == "all":
-        text, _ = _render(tok, messages, where, kw)
-        return text, [(0, len(text))]
-    if has_generation_tags(tok.chat_template):
-        text, spans = _render(tok, messages, where, kw, with_spans=True)
-    else:
-        text, _ = _render(tok, messages, where, kw)
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before, _ = _render(tok, messages[:i], where, kw, add_generation_prompt=True)
-            through = text if i == len(messages) - 1 else _render(tok, messages[:i + 1], where, kw)[0]
-            if not (through.startswith(before) and text.startswith(through)):
-                raise DataError(f"{where}: the chat template renders messages[{i}] differently once later "
-                                "messages follow, so its loss mask cannot be derived by per-turn rendering "
-                                "(use a template with {% generation %} tags, or mask=all)")
-            spans.append((len(before), len(through)))
-    if mode == "last_turn":
-        spans = spans[-1:]
-    return text, spans
 
 
 def _offset_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> np.ndarray:
@@ -135,30 +94,48 @@ def _needs_eos(special_ids: np.ndarray, ids: np.ndarray, offsets, spans: Sequenc
     return not np.isin(ids[last], special_ids).any()
 
 
+def _dedupe_bos(ids: np.ndarray, mask: np.ndarray, bos: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the first of two leading BOS tokens: text that already starts with the BOS string (a chat rendered
+    elsewhere, then given as text) gets one BOS, not two."""
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        return ids[1:], mask[1:]
+    return ids, mask
+
+
 def tokenize_examples(examples: Sequence[Example], tok: Tokenizer, mode: str = "completion",
-                      append_eos: bool = True, template_kwargs: dict | None = None) -> list[Tokenized]:
-    """Render, encode (batched) and mask every example, in order. Raises DataError on a render failure."""
+                      append_eos: bool = True, template_kwargs: dict | None = None,
+                      mask_rule: str = "auto") -> list[Tokenized]:
+    """Render, encode (batched) and mask every example, in order. Raises DataError on a render failure.
+
+    template_kwargs: template variables for every chat (an example's own, from its record, take precedence).
+    mask_rule: how chat masks are found (chat_spans.RULES; auto picks per chat).
+    """
     if mode not in MASK_MODES:
         raise DataError(f"mask={mode!r}: unknown mode (expected one of {', '.join(MASK_MODES)})")
+    if mask_rule not in RULES:
+        raise DataError(f"mask_rule={mask_rule!r}: unknown rule (expected one of {', '.join(RULES)})")
     eos = tok.eos_id
     if append_eos and eos is None:
         raise DataError(f"{tok.source}: append_eos needs an eos_token in tokenizer_config.json (or append_eos=false)")
-    texts, spans, is_chat = [], [], []
+    texts, spans, is_chat, rules = [], [], [], []
     for ex in examples:
+        kw = {**(template_kwargs or {}), **(ex.template_kwargs or {})}
+        rule = ""
         if ex.label is not None:  # a head example: its prompt, nothing trained as text
             sp = []
             if ex.messages is None:
                 text = ex.prompt
             else:
                 generation_prompt = ex.messages[-1]["role"] != "assistant"
-                text, _ = _render(tok, ex.messages, ex.where, template_kwargs or {}, generation_prompt)
+                text, _ = render(tok, ex.messages, ex.where, kw, generation_prompt)
         elif ex.messages is not None:
-            text, sp = chat_spans(tok, ex.messages, mode, ex.where, template_kwargs)
+            text, sp, rule = chat_spans(tok, ex.messages, mode, ex.where, kw, mask_rule)
         else:
             text = ex.prompt + ex.completion
             sp = [(0, len(text))] if mode == "all" else [(len(ex.prompt), len(text))]
         texts.append(text)
         spans.append(sp)
+        rules.append(rule)
         is_chat.append(ex.messages is not None)
     encodings: list = [None] * len(examples)
     for chat in (True, False):  # chat text carries its own special tokens; plain text gets the post-processor's
@@ -167,18 +144,20 @@ def tokenize_examples(examples: Sequence[Example], tok: Tokenizer, mode: str = "
             encodings[i] = enc
     special_ids = np.fromiter(tok.special_ids, np.int64)
     out = []
-    for ex, enc, sp, chat in zip(examples, encodings, spans, is_chat):
+    for ex, enc, sp, chat, rule in zip(examples, encodings, spans, is_chat, rules):
         ids = np.asarray(enc.ids, np.int32)
         mask = _offset_mask(enc.offsets, sp)
+        needs_eos = append_eos and _needs_eos(special_ids, ids, enc.offsets, sp, chat)
+        ids, mask = _dedupe_bos(ids, mask, tok.bos_id)
         if ex.label is not None:
             if not len(ids):
                 raise DataError(f"{ex.where}: the prompt is empty (a head example needs at least one token)")
             out.append(Tokenized(ids, mask, ex.where))
             continue
-        if append_eos and _needs_eos(special_ids, ids, enc.offsets, sp, chat):
+        if needs_eos:
             if len(ids) and ids[-1] == eos and not chat:
                 mask[-1] = True  # the post-processor appended EOS already
             else:
                 ids, mask = np.append(ids, np.int32(eos)), np.append(mask, True)
-        out.append(Tokenized(ids, mask, ex.where))
+        out.append(Tokenized(ids, mask, ex.where, rule=rule))
     return out

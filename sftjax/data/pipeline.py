@@ -32,6 +32,7 @@ partial batch is completed with all-padding rows (nothing trained), so no exampl
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -68,6 +69,7 @@ class DataConfig:
     datasets: list[DatasetSpec]
     seq_len: int = 2048  # T: tokens per row
     mask: str = "completion"  # completion | last_turn | all
+    mask_rule: str = "auto"  # how chat masks are found: auto | tags | per_turn | search (chat_spans.py)
     append_eos: bool = True  # append EOS (trained) where the text does not end its turn itself
     over_long: str = "truncate"  # truncate (keep the completion) | drop | error
     packing: str = "bfd"  # bfd | greedy | none (padding: one example per row)
@@ -92,6 +94,7 @@ class DatasetStats:
     trained_tokens: int = 0
     head_examples: int = 0  # kept examples with a class label (a head task: all of them)
     dropped_identical: int = 0  # preference pairs whose chosen and rejected are the same tokens
+    mask_rules: dict[str, int] = dataclasses.field(default_factory=dict)  # chats per mask rule (chat_spans.py)
 
 
 @dataclasses.dataclass(eq=False)
@@ -111,7 +114,10 @@ def _tokenize(spec: DatasetSpec, config: DataConfig, tokenizer: Tokenizer, examp
         tokenized = tokenize_pairs(examples, tokenizer, config.append_eos, config.template_kwargs)
         st.dropped_identical = sum(t is None for t in tokenized)
         return [t for t in tokenized if t is not None]
-    return tokenize_examples(examples, tokenizer, config.mask, config.append_eos, config.template_kwargs)
+    tokenized = tokenize_examples(examples, tokenizer, config.mask, config.append_eos, config.template_kwargs,
+                                  config.mask_rule)
+    st.mask_rules = dict(collections.Counter(t.rule for t in tokenized if t.rule))
+    return tokenized
 
 
 def _classes(spec: DatasetSpec, name: str, examples: list[Example]) -> tuple[str, ...]:
@@ -201,6 +207,8 @@ def fingerprint(prepared: Prepared) -> str:
     keys = dict(sizes=[len(d) for d in prepared.datasets], tokens=[s.tokens for s in prepared.stats],
                 weights=[d.weight for d in cfg.datasets], seq_len=cfg.seq_len, packing=cfg.packing,
                 pack_window=cfg.pack_window, mask=cfg.mask, append_eos=cfg.append_eos, over_long=cfg.over_long)
+    if cfg.mask_rule != "auto":  # only when set: fingerprints of earlier runs stay as they were
+        keys["mask_rule"] = cfg.mask_rule
     if any(c is not None for c in prepared.labels):  # only with heads: LM-only fingerprints stay as they were
         keys["labels"] = [None if c is None else list(c) for c in prepared.labels]
     if prepared.pairs:

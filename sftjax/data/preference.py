@@ -32,21 +32,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jinja2
 import numpy as np
 
 from sftjax.data.errors import DataError
 from sftjax.data.formats import Pair
+from sftjax.data.chat_spans import render
 from sftjax.data.masking import Tokenized
 from sftjax.data.tokenizer import Tokenizer
-
-
-def _render(tok: Tokenizer, messages, where: str, kwargs: dict, add_generation_prompt: bool) -> str:
-    try:
-        return tok.render_chat(list(messages), add_generation_prompt, **kwargs)[0]
-    except jinja2.TemplateError as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{where}: chat template failed to render: {message}") from None
 
 
 def completion_text(tok: Tokenizer, prompt, completion, where: str, template_kwargs: dict | None = None,
@@ -56,8 +48,8 @@ def completion_text(tok: Tokenizer, prompt, completion, where: str, template_kwa
     if isinstance(prompt, str):
         return prompt, completion
     kw = template_kwargs or {}
-    head = _render(tok, prompt, where, kw, add_generation_prompt=True)
-    full = _render(tok, tuple(prompt) + tuple(completion), where, kw, add_generation_prompt=False)
+    head, _ = render(tok, prompt, where, kw, add_generation_prompt=True)
+    full, _ = render(tok, tuple(prompt) + tuple(completion), where, kw)
     if not full.startswith(head):
         raise DataError(f"{where}: the chat template renders the prompt differently once the {key} answer follows, "
                         "so the answer cannot be cut out of the render")

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from sftjax.data.errors import DataError
-from sftjax.data.formats import Pair, detect_format, parse_record, read_records
-from sftjax.data.masking import _render
+from sftjax.data.chat_spans import render
+from sftjax.data.formats import Pair, content_text, detect_format, parse_record, read_records
 from sftjax.data.tokenizer import Tokenizer
 
 MESSAGE_KEYS = ("role", "content")
@@ -53,7 +53,7 @@ class PromptStats:
 
 def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
     if not isinstance(value, list) or not value or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))
             for m in value):
         raise DataError(f"{where}: 'prompt' must be a string or a non-empty list of {{role, content}} messages")
     return tuple(value)
@@ -76,21 +76,21 @@ def _record_prompt(record: Any, where: str, fmt: str, as_chat: bool) -> tuple[An
     fields = {k: v for k, v in record.items()
               if k not in ("prompt", "completion", "messages", "chosen", "rejected", "instruction", "input", "output")}
     if isinstance(example, Pair):
-        chosen = example.chosen if isinstance(example.chosen, str) else example.chosen[-1]["content"]
+        chosen = example.chosen if isinstance(example.chosen, str) else content_text(example.chosen[-1]["content"])
         return example.prompt, chosen, fields
     if example.messages is not None:
         messages = example.messages
         if messages[-1]["role"] == "assistant":
-            return messages[:-1], messages[-1]["content"], fields
+            return messages[:-1], content_text(messages[-1]["content"]), fields
         return messages, None, fields
     if not example.prompt:
         raise DataError(f"{where}: a text record has no prompt to sample from (give 'prompt' records)")
     return example.prompt, example.completion, fields
 
 
-def encode_prompt(tok: Tokenizer, prompt, where: str) -> np.ndarray:
+def encode_prompt(tok: Tokenizer, prompt, where: str, template_kwargs: dict | None = None) -> np.ndarray:
     """Token ids [P] of a prompt: text with the tokenizer's special tokens (a post-processor's trailing EOS
-    removed), messages rendered with the generation prompt."""
+    removed), messages rendered with the generation prompt (template_kwargs: extra template variables)."""
     if isinstance(prompt, str):
         ids = tok.encode(prompt, add_special_tokens=True)
         if ids and tok.eos_id is not None and ids[-1] == tok.eos_id and len(ids) > 1:
@@ -98,7 +98,7 @@ def encode_prompt(tok: Tokenizer, prompt, where: str) -> np.ndarray:
     else:
         if prompt and prompt[-1]["role"] == "assistant":
             raise DataError(f"{where}: the prompt ends with an assistant message: nothing left to generate")
-        text, _ = _render(tok, prompt, where, {}, add_generation_prompt=True)
+        text, _ = render(tok, prompt, where, template_kwargs or {}, add_generation_prompt=True)
         ids = tok.encode(text)
     if not ids:
         raise DataError(f"{where}: the prompt is empty")
@@ -120,7 +120,8 @@ def fit_prompt(ids: np.ndarray, budget: int, policy: str, where: str, keep_first
 
 
 def read_prompts(path: str, task: int, name: str, tok: Tokenizer, budget: int, over_long: str = "truncate",
-                 fmt: str = "auto", as_chat: bool = False) -> tuple[list[Prompt], PromptStats]:
+                 fmt: str = "auto", as_chat: bool = False, template_kwargs: dict | None = None
+                 ) -> tuple[list[Prompt], PromptStats]:
     """Every prompt of one dataset, in file order, fitted to `budget` tokens (data.seq_len - max_new_tokens)."""
     stats = PromptStats(name, str(path))
     out = []
@@ -128,7 +129,7 @@ def read_prompts(path: str, task: int, name: str, tok: Tokenizer, budget: int, o
         where = f"{path}:{line}"
         prompt, answer, fields = _record_prompt(record, where, fmt, as_chat)
         stats.read += 1
-        ids = encode_prompt(tok, prompt, where)
+        ids = encode_prompt(tok, prompt, where, template_kwargs)
         fitted = fit_prompt(ids, budget, over_long, where, keep_first=tok.bos_id is not None and ids[0] == tok.bos_id)
         if fitted is None:
             stats.dropped += 1

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from omegaconf import OmegaConf
 
 from sftjax.config import DatasetSection, TrainConfig
 from sftjax.data.pipeline import DataConfig, DatasetSpec, Prepared, prepare
@@ -112,6 +113,11 @@ def build_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> Tokenizer:
     return tok
 
 
+def _plain(value):
+    """A config mapping as plain dicts and lists (templates read them; `tojson` cannot serialize OmegaConf nodes)."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else dict(value)
+
+
 def _data_config(cfg: TrainConfig, datasets: list[DatasetSection], per_device_batch: int,
                  num_epochs: int | None, labels: tuple[tuple[str, ...] | None, ...] = ()) -> DataConfig:
     """labels: per dataset, the classes of its head or None; given (eval datasets: the training split's classes),
@@ -122,10 +128,10 @@ def _data_config(cfg: TrainConfig, datasets: list[DatasetSection], per_device_ba
     heads = labels or [tuple(s.labels) if s.head or every else None for s in datasets]
     specs = [DatasetSpec(s.path, s.weight, s.format, s.name, s.as_chat, head=c is not None, labels=c or ())
              for s, c in zip(datasets, heads)]
-    return DataConfig(datasets=specs, seq_len=d.seq_len, mask=d.mask, append_eos=d.append_eos,
+    return DataConfig(datasets=specs, seq_len=d.seq_len, mask=d.mask, mask_rule=d.mask_rule, append_eos=d.append_eos,
                       over_long=d.over_long, packing=d.packing, pack_window=d.pack_window,
                       per_device_batch=per_device_batch, seed=d.seed, num_epochs=num_epochs,
-                      chat_template=d.chat_template)
+                      chat_template=d.chat_template, template_kwargs=_plain(d.template_kwargs))
 
 
 def split_holdout(prepared: Prepared, fraction: float, seed: int) -> tuple[Prepared, Prepared]:
@@ -185,7 +191,8 @@ def build_prompts(cfg: TrainConfig, tokenizer: Tokenizer, max_new_tokens: int):
     def read(sections):
         out, stats = [], []
         for i, (s, name) in enumerate(zip(sections, names)):
-            prompts, st = read_prompts(s.path, i, name, tokenizer, budget, cfg.data.over_long, s.format, s.as_chat)
+            prompts, st = read_prompts(s.path, i, name, tokenizer, budget, cfg.data.over_long, s.format, s.as_chat,
+                                       _plain(cfg.data.template_kwargs))
             out.append(prompts)
             stats.append(st)
         return out, stats

@@ -1,5 +1,7 @@
 """Loss masks from per-turn rendering, checked against masks built independently, piece by piece."""
 
+import json
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
@@ -9,7 +11,7 @@ from sftjax.data.formats import Example
 from sftjax.data.masking import tokenize_examples
 from sftjax.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
-from .conftest import CORPUS, VOCAB_SIZE
+from .conftest import CORPUS, VOCAB_SIZE, make_tokenizer_dir
 
 DATE = "24 Nov 2026"
 MESSAGES = ({"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello world"},
@@ -117,9 +119,96 @@ def test_render_failure_and_unstable_template_name_the_record(template_dir, chat
     if template_dir.name == "llama3":  # this template refuses a system message after the first
         with pytest.raises(DataError, match=r"^d.jsonl:7: chat template failed to render: Conversation roles"):
             tokenize_examples([Example("d.jsonl:7", messages=bad)], tok)
+    rewriting = tok.__class__(tok.backend, tok.special_tokens,
+                              "{{ messages | length }}:{% for m in messages %}{{ m.content | upper }}{% endfor %}")
+    with pytest.raises(DataError, match=r"^d.jsonl:3: messages\[2\] \(assistant\): its content does not appear in "
+                                        r"the rendered chat \(the template rewrites it\)[^\n]*$"):
+        tokenize_examples([Example("d.jsonl:3", messages=MESSAGES)], rewriting)
     unstable = tok.__class__(tok.backend, tok.special_tokens,
                              "{{ messages | length }}:{% for m in messages %}{{ m.content }}{% endfor %}")
-    with pytest.raises(DataError, match=r"^d.jsonl:3: the chat template renders messages\[2\] differently"):
-        tokenize_examples([Example("d.jsonl:3", messages=MESSAGES)], unstable)
+    with pytest.raises(DataError, match=r"^d.jsonl:3: the chat template renders an earlier message differently"):
+        tokenize_examples([Example("d.jsonl:3", messages=MESSAGES)], unstable, mask_rule="per_turn")
+    with pytest.raises(DataError, match="mask_rule='guess'"):
+        tokenize_examples([], tok, mask_rule="guess")
     with pytest.raises(DataError, match="mask='assistant'"):
         tokenize_examples([], tok, mode="assistant")
+
+
+# ChatML with a turn count in front: every render differs once a message is added, so only the search rule applies.
+COUNTED_CHATML = ("{{ messages | length }}{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + "
+                  "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _trained_pieces(tok, out) -> list[str]:
+    """The decoded runs of trained tokens, in order."""
+    runs, start = [], None
+    for t, m in enumerate(list(out.mask) + [False]):
+        if m and start is None:
+            start = t
+        elif not m and start is not None:
+            runs.append(tok.decode(out.tokens[start:t].tolist()))
+            start = None
+    return runs
+
+
+def test_search_rule_finds_each_answer_after_its_question(chatml_dir):
+    """An answer that also occurs in the question before it ("I" in "Say I") and in a role name ("assistant") is
+    matched where the assistant wrote it; each turn trains its content and end-of-turn marker, the last one also the
+    chat's closing newline."""
+    tok = load_tokenizer(chatml_dir).with_chat_template(None)
+    tok = tok.__class__(tok.backend, tok.special_tokens, COUNTED_CHATML, tok.source)
+    messages = ({"role": "user", "content": "Say I"}, {"role": "assistant", "content": "I"},
+                {"role": "user", "content": "Say assistant"}, {"role": "assistant", "content": "assistant"})
+    [out] = tokenize_examples([Example("x:1", messages=messages)], tok)
+    assert out.rule == "search"
+    assert _trained_pieces(tok, out) == ["I<|im_end|>", "assistant<|im_end|>\n"]
+    text = tok.render_chat(list(messages))[0]
+    assert tok.decode(out.tokens.tolist()) == text  # nothing appended: the template ends its turns
+
+
+def test_search_rule_agrees_with_per_turn_on_a_stable_template(chatml_dir):
+    """Forced on a prefix-stable template, search trains what per-turn rendering trains except the newline after a
+    non-final turn's <|im_end|> (never generated: decoding stops at the marker)."""
+    tok = load_tokenizer(chatml_dir)
+    messages = MESSAGES[1:]
+    [per_turn] = tokenize_examples([Example("x:1", messages=messages)], tok, mask_rule="per_turn")
+    [search] = tokenize_examples([Example("x:1", messages=messages)], tok, mask_rule="search")
+    assert (per_turn.rule, search.rule) == ("per_turn", "search")
+    np.testing.assert_array_equal(per_turn.tokens, search.tokens)
+    differ = np.flatnonzero(per_turn.mask != search.mask)
+    assert [tok.decode([int(per_turn.tokens[i])]) for i in differ] == ["\n"]
+    assert per_turn.mask[differ].all()
+
+
+def test_template_errors_of_any_kind_are_one_line(chatml_dir):
+    tok = load_tokenizer(chatml_dir)
+    parts = ({"role": "user", "content": [{"type": "text", "text": "Hello"}]}, {"role": "assistant", "content": "x"})
+    with pytest.raises(DataError, match=r"^d.jsonl:2: chat template failed to render: TypeError: [^\n]*$"):
+        tokenize_examples([Example("d.jsonl:2", messages=parts)], tok)  # ChatML concatenates a list to a string
+
+
+def test_record_tools_and_template_kwargs_reach_the_template(tmp_path, chatml_dir):
+    from sftjax.data.formats import read_dataset
+
+    source = ("{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}{% if flag %}FLAG\n{% endif %}"
+              "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok = load_tokenizer(chatml_dir)
+    tok = tok.__class__(tok.backend, tok.special_tokens, source, tok.source)
+    path = tmp_path / "tools.jsonl"
+    chat = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "fine"}]
+    path.write_text(f'{{"messages": {json.dumps(chat)}, "tools": [{{"name": "f"}}], '
+                    f'"chat_template_kwargs": {{"flag": true}}}}\n{{"messages": {json.dumps(chat)}}}\n')
+    examples = read_dataset(path)
+    with_tools, plain = tokenize_examples(examples, tok, template_kwargs={"flag": False})
+    assert tok.decode(with_tools.tokens.tolist()).startswith('TOOLS [{"name": "f"}]\nFLAG\n<|im_start|>user')
+    assert tok.decode(plain.tokens.tolist()).startswith("<|im_start|>user")
+    assert _trained_pieces(tok, with_tools) == _trained_pieces(tok, plain) == ["fine<|im_end|>\n"]
+
+
+def test_text_that_starts_with_bos_gets_one_bos(tmp_path):
+    tok = load_tokenizer(make_tokenizer_dir(tmp_path, "llama3"))  # its post-processor prepends <|begin_of_text|>
+    text = tok.special_tokens["bos_token"] + "Hello world"
+    [out] = tokenize_examples([Example("x:1", completion=text)], tok)
+    assert out.tokens.tolist() == tok.encode(text) + [tok.eos_id]
+    assert out.tokens.tolist().count(tok.bos_id) == 1

@@ -198,7 +198,8 @@ def run_training(cfg: TrainConfig, resolved_config: dict[str, Any] | None = None
     if rl:
         source.restore(data_state)
     else:
-        data_line = ", ".join(f"{s.name} {s.kept}" for s in train_data.stats)
+        data_line = ", ".join(f"{s.name} {s.kept}" + (" (chat masks: " + ", ".join(
+            f"{rule} {n}" for rule, n in s.mask_rules.items()) + ")" if s.mask_rules else "") for s in train_data.stats)
         source = _Batches(DataIterator(train_data, devices=devices, process_index=jax.process_index(),
                                        process_count=jax.process_count(), state=data_state), cfg, objective)
     # drops lines a killed run wrote after `start`; other processes than the first write nothing

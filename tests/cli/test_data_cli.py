@@ -87,3 +87,21 @@ def test_rl_prompts_shown_with_their_answers(tmp_path, capsys):
     assert main(common[:-3] + ["data.over_long=error"]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and f"{prompts}:2: the prompt has" in err, err
+
+
+def test_report_names_the_mask_rule_of_each_chat(tmp_path, capsys):
+    """A template that rewrites earlier turns is masked by search, and the report says so per task and example."""
+    from tests.data.test_masking import COUNTED_CHATML
+
+    tok = make_tokenizer_dir(tmp_path, "qwen_chatml")
+    template = tmp_path / "counted.jinja"
+    template.write_text(COUNTED_CHATML)
+    chat = write_jsonl(tmp_path / "chat.jsonl", CHAT * 2)
+    args = [f"model.tokenizer={tok}", f"data={chat}", "data.seq_len=64", "--show", "1"]
+    assert main([*args, "--json"]) == 0
+    [task] = json.loads(capsys.readouterr().out)["train"]["tasks"]
+    assert task["mask_rules"] == {"per_turn": 2} and task["examples"][0]["rule"] == "per_turn"
+    assert main([*args, f"data.chat_template={template}"]) == 0
+    out = capsys.readouterr().out
+    assert "chat masks: 2 by search (each assistant content found in the one render" in out
+    assert "mask rule search)\n2<|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n[[fine<|im_end|>\n]]" in out

@@ -104,4 +104,5 @@ def test_report_names_the_mask_rule_of_each_chat(tmp_path, capsys):
     assert main([*args, f"data.chat_template={template}"]) == 0
     out = capsys.readouterr().out
     assert "chat masks: 2 by search (each assistant content found in the one render" in out
-    assert "mask rule search)\n2<|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n[[fine<|im_end|>\n]]" in out
+    assert ("mask rule search)\n2<|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n"
+            "[[fine<|im_end|>\n]]") in out

@@ -136,7 +136,8 @@ def test_render_failure_and_unstable_template_name_the_record(template_dir, chat
 
 # ChatML with a turn count in front: every render differs once a message is added, so only the search rule applies.
 COUNTED_CHATML = ("{{ messages | length }}{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + "
-                  "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+                  "'<|im_end|>\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def _trained_pieces(tok, out) -> list[str]:

@@ -106,3 +106,27 @@ def test_report_names_the_mask_rule_of_each_chat(tmp_path, capsys):
     assert "chat masks: 2 by search (each assistant content found in the one render" in out
     assert ("mask rule search)\n2<|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n"
             "[[fine<|im_end|>\n]]") in out
+
+
+def test_real_qwen3_chat_from_sftjax_data_and_sftjax_train(tmp_path, capsys):
+    """Qwen3's real template drops earlier reasoning: both commands mask its chats by search, as the report shows."""
+    from tests.data.test_real_templates import REAL
+    from tests.train.conftest import run_train
+
+    tok = make_tokenizer_dir(tmp_path, "qwen_chatml")  # Qwen's control tokens
+    messages = [{"role": "user", "content": "Say I"},
+                {"role": "assistant", "content": "<think>\nfirst thought\n</think>\n\nI"},
+                {"role": "user", "content": "And two?"},
+                {"role": "assistant", "content": "<think>\nsecond thought\n</think>\n\nTwo."}]
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}] * 4)
+    args = [f"model.tokenizer={tok}", f"data={chat}", f"data.chat_template={REAL / 'qwen3.jinja'}",
+            "data.seq_len=128"]
+    assert main([*args, "--json", "--show", "1"]) == 0
+    [task] = json.loads(capsys.readouterr().out)["train"]["tasks"]
+    assert task["mask_rules"] == {"search": 4}
+    assert task["examples"][0]["text"] == (
+        "<|im_start|>user\nSay I<|im_end|>\n<|im_start|>assistant\n[[I<|im_end|>]]\n<|im_start|>user\nAnd two?"
+        "<|im_end|>\n<|im_start|>assistant\n[[<think>\nsecond thought\n</think>\n\nTwo.<|im_end|>\n]]")
+    done = run_train(*args, "trainer.max_steps=1", "trainer.batch_size=1", "trainer.devices=1", "model.path=tiny-llama",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert "data: chat 4 (chat masks: search 4)" in done.stdout + done.stderr

@@ -1,6 +1,6 @@
 """Data pipeline throughput: read + tokenize + mask + pack N short synthetic chat examples (one epoch).
 
-    python experiments/data_speed/bench.py [--examples 100000] [--seq-len 2048]
+    python experiments/data_speed/bench.py [--examples 100000] [--seq-len 2048] [--chat-template chatml|FILE.jinja]
 
 Prints one JSON line with the seconds spent in each stage and examples/s overall. Not a test: numbers depend on
 the machine (see README.md beside this file).
@@ -43,13 +43,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=100_000)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--chat-template", default="chatml",
+                        help="a built-in name or a .jinja file using ChatML's tokens, e.g. Qwen3's (masked by search)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "chat.jsonl"
         records = synthetic_chats(args.examples, seed=0)
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         texts = [m["content"] for r in records[:2000] for m in r["messages"]]
-        tok = train_bpe_tokenizer(texts, VOCAB_SIZE, chat_template="chatml")
+        tok = train_bpe_tokenizer(texts, VOCAB_SIZE, chat_template=args.chat_template)
         cfg = DataConfig(datasets=[DatasetSpec(str(path))], seq_len=args.seq_len, per_device_batch=8)
         t0 = time.perf_counter()
         prepared = prepare(cfg, tok)  # read + validate + render + tokenize (batched) + mask + fit
@@ -62,7 +64,7 @@ def main() -> None:
                       "trained_tokens": st.trained_tokens, "prepare_s": round(t1 - t0, 2),
                       "pack_s": round(t2 - t1, 2), "batches": batches, "packing_efficiency": round(it.efficiency, 4),
                       "examples_per_s": round(args.examples / (t2 - t0)),
-                      "tokens_per_s": round(st.tokens / (t2 - t0))}))
+                      "tokens_per_s": round(st.tokens / (t2 - t0)), "mask_rules": st.mask_rules}))
 
 
 if __name__ == "__main__":

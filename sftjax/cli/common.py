@@ -87,6 +87,13 @@ def run_config(run_dir: str | Path, overrides: list[str]) -> TrainConfig:
     return OmegaConf.to_object(merged)
 
 
+def version_line(program: str) -> str:
+    """What `--version` prints: the program and the sftjax version."""
+    from sftjax import __version__
+
+    return f"{program} (sftjax) {__version__}"
+
+
 def fail(program: str, message: str) -> int:
     print(f"{program}: error: {message}", file=sys.stderr)
     return EXIT_USER_ERROR

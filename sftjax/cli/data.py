@@ -26,7 +26,7 @@ import numpy as np
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from sftjax.cli.common import compose_config, fail, one_line
+from sftjax.cli.common import compose_config, fail, one_line, version_line
 from sftjax.data.masking import Tokenized
 from sftjax.data.pipeline import DataIterator, Prepared
 from sftjax.data.tokenizer import Tokenizer
@@ -40,7 +40,7 @@ RULE_NOTES = {  # how chat masks were found (data/chat_spans.py)
     "search": "each assistant content found in the one render: the template rewrites earlier turns",
     "all": "every token (data.mask=all)",
 }
-_USAGE = "usage: sftjax-data [--show N] [--json] [Hydra overrides of the training config ...]"
+_USAGE = "usage: sftjax-data [--help] [--version] [--show N] [--json] [Hydra overrides of the training config ...]"
 
 
 def parse_args(argv: list[str]) -> tuple[int, bool, list[str]]:
@@ -48,6 +48,12 @@ def parse_args(argv: list[str]) -> tuple[int, bool, list[str]]:
     show, as_json, overrides = 2, False, []
     args = iter(argv)
     for arg in args:
+        if arg in ("-h", "--help"):
+            print(f"{_USAGE}\n\n{__doc__.strip()}")
+            raise SystemExit(0)
+        if arg == "--version":
+            print(version_line("sftjax-data"))
+            raise SystemExit(0)
         if arg == "--json":
             as_json = True
         elif arg == "--show" or arg.startswith("--show="):

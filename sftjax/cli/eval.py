@@ -32,7 +32,7 @@ from typing import Any
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from sftjax.cli.common import add_checkpoint_choice, compose_config, fail, one_line, run_config
+from sftjax.cli.common import add_checkpoint_choice, compose_config, fail, one_line, run_config, version_line
 from sftjax.cli.malloc import use_huge_pages
 from sftjax.config import DatasetSection, TrainConfig
 from sftjax.data.pipeline import Prepared
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--model", help="base model: local HF directory or preset name (as sftjax-train model=)")
     source.add_argument("--run", help="training run directory (config.json, checkpoints/)")
     add_checkpoint_choice(p)
+    p.add_argument("--version", action="version", version=version_line("sftjax-eval"))
     p.add_argument("--data", action="append", default=[], metavar="FILE",
                    help="dataset to evaluate on, one task each (repeat); default with --run: the run's eval split")
     p.add_argument("--tokenizer", help="directory with tokenizer.json (sets model.tokenizer)")

@@ -39,7 +39,7 @@ import numpy as np
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from sftjax.cli.common import add_checkpoint_choice, fail, one_line, run_config
+from sftjax.cli.common import add_checkpoint_choice, fail, one_line, run_config, version_line
 from sftjax.errors import UserError
 from sftjax.model.classifier import HEADS_TENSORS, save_classifier, save_heads
 from sftjax.model.config import DTYPES
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="training run directory (config.json, checkpoints/)")
     source.add_argument("--adapter", help="a PEFT LoRA adapter directory to merge into --model")
+    p.add_argument("--version", action="version", version=version_line("sftjax-export"))
     p.add_argument("--model", help="with --adapter: the base model directory")
     add_checkpoint_choice(p)
     p.add_argument("--out", required=True, help="output directory")

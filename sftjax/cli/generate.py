@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from sftjax.cli.common import fail
+from sftjax.cli.common import fail, version_line
 from sftjax.cli.malloc import use_huge_pages
 from sftjax.data.tokenizer import load_tokenizer
 from sftjax.errors import UserError
@@ -24,6 +24,7 @@ from sftjax.model.hf import load_pretrained
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sftjax-generate", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=version_line("sftjax-generate"))
     p.add_argument("--model", required=True, help="local HF model directory, or a preset name (e.g. tiny-llama)")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", nargs="+", type=int, default=[],

@@ -21,7 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sftjax.cli.common import expand_shorthands, fail, one_line
+from sftjax.cli.common import expand_shorthands, fail, one_line, version_line
 from sftjax.cli.malloc import use_huge_pages
 from sftjax.config import register
 from sftjax.errors import UserError
@@ -50,6 +50,9 @@ def main_job_defaults(args: list[str]) -> list[str]:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:
+        print(version_line("sftjax-train"))
+        return
     register()
     sys.argv = [sys.argv[0], *main_job_defaults(expand_shorthands(sys.argv[1:]))]
     # Let configuration errors reach us instead of Hydra's multi-line report; bugs keep their traceback.

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +315,8 @@ def parse_pair(record: dict[str, Any], where: str) -> Pair:
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise DataError(f"{where}: field 'margin' must be a number, got {_type_name(margin)} {_show(margin)}")
     margin = None if margin is None else float(margin)
+    if margin is not None and not math.isfinite(margin):
+        raise DataError(f"{where}: field 'margin' must be a finite number, got {margin}")
     chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
     if isinstance(chosen, str) and isinstance(rejected, str) and (prompt is None or isinstance(prompt, str)):
         if prompt is None:
@@ -347,6 +350,14 @@ def _decode(raw: bytes, path: Path, line_offset: int = 0) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x})") from None
 
 
+def _unreadable(error: Exception) -> str:
+    """Why Python's JSON reader gave up on valid-looking JSON: nesting deeper than its recursion limit, or an integer
+    longer than Python converts (4300 digits)."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return f"a number too large ({str(error).split(':')[0]})"
+
+
 def _jsonl_records(raw: bytes, path: Path):
     """(line number, decoded JSON value) for each non-blank line."""
     for number, line in enumerate(raw.split(b"\n"), start=1):
@@ -356,9 +367,12 @@ def _jsonl_records(raw: bytes, path: Path):
         if not text.strip():
             continue
         try:
-            yield number, json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except (RecursionError, ValueError) as e:
+            raise DataError(f"{path}:{number}: invalid JSON: {_unreadable(e)}") from None
+        yield number, value
 
 
 def _json_array_records(text: str, path: Path):
@@ -383,6 +397,8 @@ def _json_array_records(text: str, path: Path):
             value, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             fail(e.pos, e.msg)
+        except (RecursionError, ValueError) as e:
+            fail(i, _unreadable(e))
         yield text.count("\n", 0, i) + 1, value
         i = skip(end)
         if i >= len(text):

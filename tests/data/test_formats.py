@@ -67,7 +67,8 @@ BAD_LINES = [
     ('{"text": "x", "n": ' + "9" * 5000 + "}", r":1: invalid JSON: a number too large \(Exceeds the limit \(4300 digits\)"
      r" for integer string conversion\)$"),
     ("[\n" + "[" * 100000 + "]" * 100000 + "\n]", r":2: invalid JSON: nested too deeply$", ".json"),
-    ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1e999}', r":1: field 'margin' must be a finite number"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1e999}',
+     r":1: field 'margin' must be a finite number"),
     ('{"messages": [{"role": "user", "content": "hi"}], "tools": {"name": "f"}}',
      r":1: field 'tools' must be an array of tool schemas, got object"),
     ('{"messages": "hi"}', r":1: field 'messages' must be an array, got string"),

@@ -64,8 +64,8 @@ BAD_LINES = [
     ('{"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}]}',
      r":1: messages\[0\].content\[0\] must be a text part .* \(only text is supported\)"),
     ("[" * 100000 + "]" * 100000, r":1: invalid JSON: nested too deeply$"),
-    ('{"text": "x", "n": ' + "9" * 5000 + "}", r":1: invalid JSON: a number too large \(Exceeds the limit \(4300 digits\)"
-     r" for integer string conversion\)$"),
+    ('{"text": "x", "n": ' + "9" * 5000 + "}",
+     r":1: invalid JSON: a number too large \(Exceeds the limit \(4300 digits\) for integer string conversion\)$"),
     ("[\n" + "[" * 100000 + "]" * 100000 + "\n]", r":2: invalid JSON: nested too deeply$", ".json"),
     ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1e999}',
      r":1: field 'margin' must be a finite number"),

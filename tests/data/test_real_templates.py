@@ -42,6 +42,7 @@ from sftjax.data.masking import tokenize_examples
 from sftjax.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 from .conftest import CORPUS, VOCAB_SIZE
+from .test_masking import _trained_pieces
 
 REAL = Path(__file__).parent.parent / "fixtures" / "chat_templates" / "real"
 DATE = "26 Jul 2024"  # passed to every render, so Llama 3.1 / 3.2's strftime_now never differs between the two
@@ -447,18 +448,6 @@ def test_a_rewritten_assistant_content_is_refused(tokenizers):
     assert "\n" not in message and message.startswith("chat.jsonl:1:") and "messages[1]" in message, message
 
 
-def _trained_runs(tok, t) -> list[str]:
-    """The decoded runs of trained tokens, in order."""
-    runs, start = [], None
-    for i, m in enumerate(list(t.mask) + [False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append(tok.decode(t.tokens[start:i].tolist()))
-            start = None
-    return runs
-
-
 def test_tool_calls_and_tool_results_on_qwen3(tokenizers):
     """An assistant turn that is only a tool call trains the call and its <|im_end|>; the tool's result does not
     train; the final answer after it trains (the empty <think> block Qwen3 adds before it does not)."""
@@ -470,7 +459,7 @@ def test_tool_calls_and_tool_results_on_qwen3(tokenizers):
     expected = _hf_render(pair.ref, list(messages), False, kw, tokenize=True)
     [t] = tokenize_examples([Example("chat.jsonl:1", messages=messages)], pair.ours, template_kwargs=kw)
     assert t.rule == "search" and t.tokens.tolist() == list(expected)
-    assert _trained_runs(pair.ours, t) == [
+    assert _trained_pieces(pair.ours, t) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
         f"{A1}<|im_end|>\n"]
 
@@ -485,7 +474,7 @@ def test_text_parts_are_masked_like_strings(tokenizers):
     assert listed.tokens.tolist() == list(_hf_render(pair.ref, list(parts), False, {}, tokenize=True))
     np.testing.assert_array_equal(plain.tokens, listed.tokens)
     np.testing.assert_array_equal(plain.mask, listed.mask)
-    assert _trained_runs(pair.ours, listed) == [f"{A1}<end_of_turn>\n", f"{A2}<end_of_turn>\n"]
+    assert _trained_pieces(pair.ours, listed) == [f"{A1}<end_of_turn>\n", f"{A2}<end_of_turn>\n"]
 
 
 def test_strftime_now_gives_todays_date_as_transformers(tokenizers):

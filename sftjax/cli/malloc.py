@@ -2,26 +2,16 @@
 
 XLA:CPU allocates every step's buffers (activations, gradients, temp) with malloc and frees them at the end of the
 step. glibc serves blocks above its mmap threshold (at most 32 MiB) with a fresh mapping and hands it back with
-munmap, so every step faults on each 4 KiB page of them again: on the built-in base's pre-training step (32 x 128
-tokens, width 128) 82,000 minor faults per step, on the bench's full fine-tuning step 263,000.
+munmap, so every step faults on each 4 KiB page of them again: tens to hundreds of thousands of minor faults per
+step.
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1   glibc asks the kernel to back its mappings with transparent huge
                                             pages (2 MiB): a 20th of the faults, and freed memory still goes back
 
-Measured on this repository's 2-core CPU machine (median step, peak RSS over the run, minor faults per step; fresh
-processes, two each, alternating; experiments/bench/README.md, "Host memory"):
-
-                                   glibc default           huge pages              earlier settings (below)
-    base pre-training, 40 steps    266 ms   966 MiB 82k    214 ms   965 MiB 3.3k   202 ms 1,183-1,758 MiB 8.6k
-    bench full FT, 16 steps        1.30 s 2,303 MiB 263k   1.16 s 2,242 MiB 14k    1.13 s 2,184-3,007 MiB 38k
-    bench LoRA, 16 steps           1.03 s 1,449 MiB 194k   0.88 s 1,432 MiB 9k     0.90 s 2,665-2,711 MiB 40k
-
-The main job cold: 4:54 at 1.52 GiB with glibc's defaults, 3:37 at 1.48 GiB with huge pages, 3:38 at 2.49 GiB
-with the earlier settings.
-
-The earlier settings (mallopt: no mmap, no trim, one arena; until 2026-11-25) kept freed memory in the heap
-instead. As fast, but resident memory grew past the step's need: when small blocks landed in the space a step's
-large buffer had freed, the next step's buffer no longer fit and the heap grew by its size, one to three times.
+Huge pages take a 20th of the faults at the same resident memory; faster steps and a faster main job (measured:
+experiments/bench/README.md, "Host memory"). The earlier settings (mallopt: no mmap, no trim, one arena) kept freed
+memory in the heap instead: as fast, but resident memory grew past the step's need: when small blocks landed in the
+space a step's large buffer had freed, the next step's buffer no longer fit and the heap grew by its size.
 
 A tunable is read when the process starts, so `use_huge_pages` re-executes the process (same interpreter, same
 arguments, same pid) with it added to the environment, once: the re-run sees it set and goes on. It does so only

@@ -115,8 +115,8 @@ def ensure_builtin(template: TrainConfig) -> Builtin:
     cache = Path(settings.cache_dir).expanduser()
     version = f"py{sys.version_info.major}.{sys.version_info.minor}"
     # Records of at most ~3/4 of a pre-training row (3.3 characters per token of a corpus-trained BPE): little
-    # truncation, and best-fit decreasing packs shorter records into the space left: 81% of the token slots are
-    # trained tokens (measured at 128-token rows), against 73% with records of a whole row packed greedily.
+    # truncation, and best-fit decreasing packs shorter records into the space left, so more of the token slots
+    # are trained than with records of a whole row packed greedily (experiments/main_recipe/README.md).
     corpus = corpus_lib.build_corpus(cache / f"corpus-{version}",
                                      record_chars=int(0.75 * 3.3 * settings.pretrain_seq_len))
     arch = base_config(settings.vocab_size, settings.base_layers)

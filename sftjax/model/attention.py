@@ -137,8 +137,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
     """`dot_product_attention` when queries and keys are the same T positions and the bias is causal (key s masked
     for query t whenever s > t), as in training: the queries in blocks of `block` rows, each over the keys up to
     its last row. The keys a block skips are masked for all its rows (weight exactly 0), so the result is the
-    same up to summation order; with n blocks it does (n + 1) / 2n of the work (3/4 at T = 256: 1.03x on the
-    benchmark's full step).
+    same up to summation order; with n blocks it does (n + 1) / 2n of the work (3/4 at T = 256).
 
     q [B, T, N, H], k and v [B, T, K, H], bias [B, T, T] -> [B, T, N, H]
     """

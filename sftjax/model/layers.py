@@ -35,8 +35,9 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
 
     Autodiff of the same dot contracts dw over the leading axes as a multi-dimensional dot_general, and XLA:CPU
     then writes the output gradient out a second time, transposed, before the weight-gradient dot (a copy the
-    size of the activations per linear layer): the explicit form is 1.17x faster on the benchmark's train step.
-    The results are the same dots, bit for bit. An unused dw (a frozen weight) is removed by XLA.
+    size of the activations per linear layer); the explicit form saves that copy (measured: experiments/bench/
+    README.md, "Design measurements"). The results are the same dots, bit for bit. An unused dw (a frozen weight)
+    is removed by XLA.
     """
     return jnp.dot(x, w)
 
@@ -175,11 +176,11 @@ def dense(x: jax.Array, ws: Sequence[DenseWeights], cfg: ModelConfig) -> list[ja
     [..., out_i] in the compute dtype.
 
     Each base weight is its own matmul. The LoRA adapters that read x itself (no dropout) go through one
-    `lora_update`, which shares their first product x @ [A_1 ... A_n]: 1.00-1.03x on the bench's LoRA and QLoRA
-    steps (`python experiments/bench/ab.py --mode lora --variants current,unfused_projections`). The base kernels
-    side by side measured no faster, and LoRA 1.07x slower: XLA keeps each layer's concatenated kernel for the
-    backward pass (experiments/bench/README.md). Over a float32 kernel without dropout, a large-rank adapter is
-    folded into its kernel, x @ (W + scale * A @ B), where that costs fewer FLOPs (`lora_merge_pays`).
+    `lora_update`, which shares their first product x @ [A_1 ... A_n]. The base kernels stay apart: concatenated,
+    they are no faster and LoRA is slower, since XLA keeps each layer's concatenated kernel for the backward pass
+    (both measured: experiments/bench/README.md, "Design measurements"). Over a float32 kernel without dropout, a
+    large-rank adapter is folded into its kernel, x @ (W + scale * A @ B), where that costs fewer FLOPs
+    (`lora_merge_pays`).
     """
     dtype = jnp.dtype(cfg.dtype)
     x = rows_as_given(x.astype(dtype))

@@ -5,7 +5,7 @@ over micro-batches and devices and divides once by the global count. So the loss
 its trained tokens whatever the accumulation and device count (averaging per micro-batch would weight short
 micro-batches more: transformers PR #34191).
 
-Completion-only SFT trains a small share of the tokens (the main job: ~16%), and the vocabulary projection is the
+Completion-only SFT trains a small share of the tokens (often a sixth or less), and the vocabulary projection is the
 largest matmul of a small model (D x V per token, more than all layers of the built-in base together). So when a
 batch carries `label_index` (the flat positions of its trained tokens, padded with -1 to a fixed size K; see
 `label_index`), the logits are computed at those K positions only: the same sums, a fraction of the lm_head and
@@ -53,7 +53,7 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Arr
     """(negative log-likelihood [B, T], correct [B, T]) of targets [B, T] under logits [B, T, V], in float32.
 
     correct: no logit is above the target's, i.e. greedy decoding picks it (a tie counts as correct; argmax would
-    pick the lower index). One max over V: argmax's (value, index) reduction took 3% of the bench's full step.
+    pick the lower index). One max over V, cheaper than argmax's (value, index) reduction.
     """
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)

@@ -283,8 +283,8 @@ def _code_values(q: Mapping[str, jax.Array], n: int) -> jax.Array:
     """float32 [n]: the table value of each of the first n 4-bit codes (before the per-block absmax)."""
     codes = q["codes"]  # [ceil(n / 2)] uint8: two 4-bit codes per byte, the high nibble first
     nibbles = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(-1)[:n]  # [n], each < 16
-    # A 16-entry lookup per value: on XLA:CPU 2x faster than looking up the byte's pair of values in a [256, 2]
-    # table (measured on the bench's [1408, 512] weights). The codes are < 16, so no bounds check is needed.
+    # A 16-entry lookup per value: on XLA:CPU faster than looking up the byte's pair of values in a [256, 2] table
+    # (experiments/bench/README.md, "Design measurements"). The codes are < 16, so no bounds check is needed.
     return jnp.asarray(q["table"], jnp.float32).at[nibbles].get(mode="promise_in_bounds")
 
 

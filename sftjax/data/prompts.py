@@ -1,6 +1,6 @@
 """Prompts for RL rollouts: a prompt-only dataset, or the prompt side of any dataset format.
 
-Records (JSONL / JSON, `formats.read_records`):
+Records (JSONL / JSON, `records.read_records`):
 
     prompt-only   {"prompt": str | [messages], "answer": str (optional), ...any other keys}
     any other     prompt_completion, alpaca, chat, preference (`formats.py`): the prompt is what precedes the
@@ -25,7 +25,8 @@ import numpy as np
 
 from sftjax.data.errors import DataError
 from sftjax.data.chat_spans import render
-from sftjax.data.formats import Pair, content_text, detect_format, parse_record, read_records
+from sftjax.data.formats import Pair, content_text, detect_format, parse_record
+from sftjax.data.records import read_records
 from sftjax.data.tokenizer import Tokenizer
 
 MESSAGE_KEYS = ("role", "content")

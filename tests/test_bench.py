@@ -219,13 +219,13 @@ def test_ab_restores_the_patched_functions():
         sys.path.remove(str(AB.parent))
     from sftjax.model import attention, layers, transformer
     from sftjax.objectives import sft
-    from sftjax.peft import quant
+    from sftjax.peft import adapted, quant
     from sftjax.train import step
 
     def patchable():
         return (layers.linear, transformer.linear, transformer.gated_activation, attention.dot_product_attention,
-                attention.causal_attention, layers.lora_update, layers.qlinear, quant._code_values, sft.token_nll,
-                layers.lora_merge_pays, attention.dense, transformer.dense, step.train_step, step.apply_sums)
+                attention.causal_attention, adapted.lora_update, adapted.qlinear, quant._code_values, sft.token_nll,
+                adapted.lora_merge_pays, attention.dense, transformer.dense, step.train_step, step.apply_sums)
 
     before = patchable()
     for variant in ab.VARIANTS:

@@ -24,19 +24,19 @@ function before its step is traced:
                         blocks of 128 queries that skip the masked upper triangle of blocks
     select_mask         autodiff_attention, masked by a select per layer instead of the additive bias
     lora_scale_output   LoRA / QLoRA: the scale applied to the [..., out] product (PEFT's order) instead of the
-                        rank-R intermediate (`layers.lora_update`); the same as current under full fine-tuning
+                        rank-R intermediate (`adapted.lora_update`); the same as current under full fine-tuning
     saved_dequant       QLoRA: the dequantized 4-bit weight differentiated by JAX, which keeps every layer's
-                        dequantized weights for the backward pass, instead of `layers.qlinear`, which
+                        dequantized weights for the backward pass, instead of `adapted.qlinear`, which
                         dequantizes again there; the same as current under full fine-tuning and LoRA
     pair_lookup         QLoRA: dequantization gathers each byte's two values from a [256, 2] table instead of
                         looking up each 4-bit code in the 16-entry table (`quant._code_values`)
     argmax_correct      the accuracy metric from argmax over the vocabulary instead of `sft.token_nll`'s
                         target-logit >= max comparison
     factored_lora       LoRA: every adapter as x @ W + (x @ A * s) @ B, never through the merged weight
-                        W + s A @ B where that costs fewer FLOPs (`layers.lora_merge_pays`: large ranks, e.g.
+                        W + s A @ B where that costs fewer FLOPs (`adapted.lora_merge_pays`: large ranks, e.g.
                         `--preset builtin --rank 64`, the main job's LoRA; the bench config's rank 16 is factored)
     unfused_projections LoRA / QLoRA: the adapters of q, k, v (and of gate, up) each with its own x @ A instead of
-                        `layers.dense`'s one x @ [A_q A_k A_v]; the same as current under full fine-tuning
+                        `AdaptedLinear.apply`'s one x @ [A_q A_k A_v]; the same as current under full fine-tuning
     pre_seam            the train step as it was before objectives became plug-ins: SFT's sums called by name,
                         its three metrics only, instead of `step.train_step` asking the objective for sums and
                         metrics (the same program up to the metrics it returns)
@@ -69,7 +69,7 @@ from sftjax.job.base import base_config  # noqa: E402
 from sftjax.model import attention, layers, transformer  # noqa: E402
 from sftjax.model.config import PRESETS  # noqa: E402
 from sftjax.objectives import sft  # noqa: E402
-from sftjax.peft import quant  # noqa: E402
+from sftjax.peft import adapted, quant  # noqa: E402
 from sftjax.train import step  # noqa: E402
 from sftjax.train.state import merge_params  # noqa: E402
 
@@ -98,7 +98,7 @@ def _pair_lookup_values(q, n):
 
 
 _token_nll = sft.token_nll  # the committed functions, kept before a variant patches them
-_lora_update = layers.lora_update
+_lora_update = adapted.lora_update
 
 
 def _lora_scale_output(x, adapters, scale):
@@ -173,11 +173,11 @@ VARIANTS = {
     "no_causal_blocks": [(attention, "causal_attention", lambda q, k, v, bias: attention.dot_product_attention(
         q, k, v, bias))],
     "select_mask": [(attention, "dot_product_attention", functools.partial(_autodiff_attention, select=True))],
-    "lora_scale_output": [(layers, "lora_update", _lora_scale_output)],
-    "saved_dequant": [(layers, "qlinear", lambda x, q, out: layers.linear(x, layers._dequantized(q, out, x).T))],
+    "lora_scale_output": [(adapted, "lora_update", _lora_scale_output)],
+    "saved_dequant": [(adapted, "qlinear", lambda x, q, out: layers.linear(x, adapted.dequantized(q, out, x).T))],
     "pair_lookup": [(quant, "_code_values", _pair_lookup_values)],
     "argmax_correct": [(sft, "token_nll", _argmax_token_nll)],
-    "factored_lora": [(layers, "lora_merge_pays", lambda *shape: False)],
+    "factored_lora": [(adapted, "lora_merge_pays", lambda *shape: False)],
     "unfused_projections": [(attention, "dense", _unfused_dense), (transformer, "dense", _unfused_dense)],
     "pre_seam": [(step, "train_step", _pre_seam_train_step)],
     "select_guard": [(step, "apply_sums", _select_apply_sums)],

@@ -11,9 +11,9 @@ Axis letters used across sftjax.model: B batch, T query positions, S key positio
 K key/value heads, G = N // K query heads per key/value head, H head width, F feed-forward width, V vocabulary,
 L layers.
 
-The config also holds the runtime policy (dtype, param_dtype, scan_layers, remat, dropout_rate, lora_scale,
-lora_dropout). These are not part of the architecture and never reach config.json, except `param_dtype`, written
-as the checkpoint's `torch_dtype`.
+The config also holds the runtime policy (dtype, param_dtype, scan_layers, remat, dropout_rate, linear). These are
+not part of the architecture and never reach config.json, except `param_dtype`, written as the checkpoint's
+`torch_dtype`.
 """
 
 from __future__ import annotations
@@ -101,8 +101,7 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan over layers: compile time stays flat as depth grows
     remat: str = "none"  # none | full (recompute each layer) | dots (save matmul outputs only)
     dropout_rate: float = 0.0  # dropout on each residual branch (attention and MLP outputs) when training
-    lora_scale: float = 1.0  # LoRA: y += scale * dropout(x) @ A @ B wherever a Dense holds lora_a / lora_b
-    lora_dropout: float = 0.0  # LoRA: dropout on the adapter's input when training
+    linear: Any = None  # a plug-in that reads and applies the linear layers (layers.LinearPlugin); None: plain
 
     def __post_init__(self):
         self.validate()
@@ -140,8 +139,6 @@ class ModelConfig:
             bad("remat", f"is not one of {', '.join(REMAT_POLICIES)}")
         if not 0.0 <= self.dropout_rate < 1.0:
             bad("dropout_rate", "must be in [0, 1)")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            bad("lora_dropout", "must be in [0, 1)")
         if self.sliding_window is not None and self.sliding_window <= 0:
             bad("sliding_window", "must be a positive integer or None")
         if not isinstance(self.eos_token_ids, tuple):

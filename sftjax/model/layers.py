@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -21,9 +22,8 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from sftjax.model.config import ModelConfig
-from sftjax.peft import quant
 
-_INIT_STD = 0.02  # initializer_range of every HF Llama-family config
+INIT_STD = 0.02  # initializer_range of every HF Llama-family config
 
 
 @jax.custom_vjp
@@ -56,91 +56,38 @@ def _linear_bwd(residuals, g):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def qlinear(x: jax.Array, q: dict[str, jax.Array], out_features: int) -> jax.Array:
-    """x [..., in] @ W^T -> [..., out], W [out, in] the 4-bit weight `q` (a qkernel of `sftjax.peft.quant`)
-    dequantized in x's dtype.
+class LinearPlugin(Protocol):
+    """How Dense layers read and apply their weights when the tree holds more than a kernel and a bias: set as
+    `ModelConfig.linear` (`sftjax.peft.adapted.AdaptedLinear`: LoRA adapters, a 4-bit frozen base). Hashable, as
+    the config is a jit static argument."""
 
-    The backward pass dequantizes W again for dx = g @ W, as bitsandbytes' MatMul4Bit does, instead of keeping
-    the dequantized W from the forward pass: only the 4-bit codes live between the passes, so QLoRA's training
-    memory holds no full-precision copy of the frozen base (with autodiff, every layer's dequantized weights
-    would be saved for the backward pass: as much memory as a float base). q gets no gradient: it is frozen.
-    """
-    return jnp.dot(x, _dequantized(q, out_features, x).T)
+    stochastic: bool  # training needs the "dropout" rng
 
+    def weights(self, module: Dense, x: jax.Array) -> Any:
+        """Declare and read the parameters of `module` for x [..., in]; runs inside its compact method."""
 
-def _dequantized(q: dict[str, jax.Array], out_features: int, x: jax.Array) -> jax.Array:
-    return quant.dequantize(q, (out_features, x.shape[-1]), x.dtype)  # [out, in]
-
-
-def _qlinear_fwd(x, q, out_features):
-    return jnp.dot(x, _dequantized(q, out_features, x).T), (x, q)
-
-
-def _qlinear_bwd(out_features, residuals, g):
-    x, q = residuals
-    return jnp.dot(g, _dequantized(q, out_features, x)), None
-
-
-qlinear.defvjp(_qlinear_fwd, _qlinear_bwd)
-
-
-def lora_update(x: jax.Array, adapters: Sequence[tuple[jax.Array, jax.Array]], scale: float) -> list[jax.Array]:
-    """The LoRA terms (x @ a_i * scale) @ b_i of adapters that read the same x [..., in]: a_i [in, R_i],
-    b_i [R_i, out_i] -> one [..., out_i] each.
-
-    Their first products are one matmul, h = x @ [a_1 ... a_n] * scale ([..., sum R_i]), split into the h_i: one
-    thin matmul instead of n, and in the backward pass one dA = x^T [dh_1 ... dh_n] and one dx. The scale
-    multiplies the rank-R intermediate, not the [..., out] product as PEFT writes it (x @ a @ b * scale): the same
-    value up to rounding, without an elementwise pass over the layer's output in the forward pass and over its
-    gradient in the backward pass.
-    """
-    h = linear(x, jnp.concatenate([a for a, _ in adapters], axis=1)) * jnp.asarray(scale, x.dtype)
-    ranks = [a.shape[1] for a, _ in adapters]
-    hs = jnp.split(h, np.cumsum(ranks)[:-1].tolist(), axis=-1) if len(adapters) > 1 else [h]  # [..., R_i] each
-    return [linear(h_i, b) for h_i, (_, b) in zip(hs, adapters)]
-
-
-def lora_merge_pays(m: int, n_in: int, n_out: int, rank: int) -> bool:
-    """Whether a LoRA layer trains faster through its merged weight W + scale * A @ B than through the factors.
-
-    FLOPs of one training step (forward and backward; a frozen W, so no dW), M = x's rows, r the rank:
-
-        factored   y = x @ W + (x @ A * s) @ B   2 M in out + 3 M r (in + out)   (+ dx through B and A, dA, dB)
-        merged     y = x @ (W + s A @ B)          3 M in out + 3 in r out        (dW' = x^T g once, then
-                                                                                   dA = s dW' B^T, dB = s A^T dW')
-
-    Merged pays when the rank is large against the layer (r > in out / (3 (in + out)) for large M: rank 64 on the
-    main job's 128-wide layers) and M is large (training, not one-token decoding). Both give the same values and
-    gradients up to float rounding.
-    """
-    return 3 * m * n_in * n_out + 3 * n_in * rank * n_out < 2 * m * n_in * n_out + 3 * m * rank * (n_in + n_out)
+    def apply(self, x: jax.Array, ws: Sequence[Any]) -> list[jax.Array]:
+        """x [..., in] in the compute dtype, the weights of layers that read it -> one [..., out_i] each."""
 
 
 @dataclasses.dataclass(frozen=True)
 class DenseWeights:
-    """One linear layer's weights as `Dense.weights` reads them, ready for `dense`. Exactly one of kernel and
-    qkernel is set; lora_x is set only while LoRA dropout is active."""
+    """One linear layer's weights as `Dense.weights` reads them, ready for `dense`."""
 
-    features: int  # out
-    kernel: jax.Array | None  # [in, out] in the compute dtype
-    qkernel: dict[str, jax.Array] | None  # the same weight at 4 bits, torch order [out, in] (`sftjax.peft.quant`)
+    kernel: jax.Array  # [in, out] in the compute dtype
     bias: jax.Array | None  # [out]
-    lora: tuple[jax.Array, jax.Array] | None  # a [in, R], b [R, out] in the compute dtype
-    lora_x: jax.Array | None  # the adapter's own input dropout(x) [..., in]
 
 
 class Dense(nn.Module):
-    """y = x @ kernel (+ bias) (+ LoRA). The one linear layer of the model. Its parameters:
+    """y = x @ kernel (+ bias). The one linear layer of the model. Its parameters:
 
-        kernel  [in, out]   float, stored in param_dtype, applied in the compute dtype; or instead
-        qkernel {codes, ...} the same weight quantized to 4 bits (`sftjax.peft.quant`), dequantized on the fly
+        kernel  [in, out]   float, stored in param_dtype, applied in the compute dtype
         bias    [out]       when use_bias
-        lora_a  [in, R], lora_b [R, out]   optional LoRA adapter: y += (dropout(x) @ lora_a * lora_scale) @ lora_b
 
-    The base paths stay the same with or without an adapter, so the HF name maps never fork. LoRA dropout
-    (cfg.lora_dropout) is active only when a "dropout" rng is given (training). Layers that read the same input
-    (q, k, v; gate, up) are applied together: `dense(x, [layer.weights(x) for layer in ...], cfg)`.
+    A linear plug-in (cfg.linear) reads and applies them instead, with whatever else the tree holds at this path
+    (adapters, a quantized kernel); the paths of kernel and bias stay the same, so the HF name maps never fork.
+    Layers that read the same input (q, k, v; gate, up) are applied together:
+    `dense(x, [layer.weights(x) for layer in ...], cfg)`.
     """
 
     features: int
@@ -148,65 +95,39 @@ class Dense(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def weights(self, x: jax.Array) -> DenseWeights:
+    def weights(self, x: jax.Array) -> Any:
         """Declare (at init) and read this layer's parameters for the input x [..., in]."""
         cfg = self.cfg
+        if cfg.linear is not None:
+            return cfg.linear.weights(self, x)
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        kernel = qkernel = bias = lora = lora_x = None
-        if self.has_variable("params", "qkernel"):  # frozen 4-bit base (QLoRA)
-            qkernel = self.get_variable("params", "qkernel")
-        else:
-            kernel = self.param("kernel", nn.initializers.normal(_INIT_STD), (x.shape[-1], self.features),
-                                param_dtype).astype(dtype)
+        held = sorted(self.variables.get("params", {}))
+        if not self.is_initializing() and not {"kernel"} <= set(held) <= {"kernel", "bias"}:
+            raise ValueError(f"{'/'.join(self.scope.path)}: holds {held}, not a kernel and bias; a tree with "
+                             "adapters or 4-bit kernels runs under `sftjax.peft.lora.model_config(cfg, spec)`")
+        kernel = self.param("kernel", nn.initializers.normal(INIT_STD), (x.shape[-1], self.features),
+                            param_dtype).astype(dtype)
+        bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)
-        if self.has_variable("params", "lora_a"):
-            lora = (self.get_variable("params", "lora_a").astype(dtype),  # [in, R]
-                    self.get_variable("params", "lora_b").astype(dtype))  # [R, out]
-            if cfg.lora_dropout > 0 and self.has_rng("dropout"):
-                lora_x = nn.Dropout(cfg.lora_dropout, deterministic=False, name="lora_dropout")(x.astype(dtype))
-        return DenseWeights(self.features, kernel, qkernel, bias, lora, lora_x)
+        return DenseWeights(kernel, bias)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
         return dense(x, [self.weights(x)], self.cfg)[0]
 
 
-def dense(x: jax.Array, ws: Sequence[DenseWeights], cfg: ModelConfig) -> list[jax.Array]:
-    """Linear layers ws that read the same input: x [..., in] -> [x @ W_i (+ b_i) (+ LoRA_i) for each i], each
-    [..., out_i] in the compute dtype.
+def dense(x: jax.Array, ws: Sequence[Any], cfg: ModelConfig) -> list[jax.Array]:
+    """Linear layers ws that read the same input: x [..., in] -> [x @ W_i (+ b_i) for each i], each [..., out_i]
+    in the compute dtype (through cfg.linear when set).
 
-    Each base weight is its own matmul. The LoRA adapters that read x itself (no dropout) go through one
-    `lora_update`, which shares their first product x @ [A_1 ... A_n]. The base kernels stay apart: concatenated,
-    they are no faster and LoRA is slower, since XLA keeps each layer's concatenated kernel for the backward pass
-    (both measured: experiments/bench/README.md, "Design measurements"). Over a float32 kernel without dropout, a
-    large-rank adapter is folded into its kernel, x @ (W + scale * A @ B), where that costs fewer FLOPs
-    (`lora_merge_pays`).
+    Each weight is its own matmul: concatenated kernels are no faster (measured: experiments/bench/README.md,
+    "Design measurements"). A plug-in may share work between the layers (LoRA's first products).
     """
-    dtype = jnp.dtype(cfg.dtype)
-    x = rows_as_given(x.astype(dtype))
-    ys, shared = [], []  # shared: (index, (a, b)) of the adapters that read x
-    for w in ws:
-        lora = w.lora
-        if w.qkernel is not None:
-            y = qlinear(x, w.qkernel, w.features)
-        else:
-            kernel = w.kernel
-            if (lora is not None and w.lora_x is None and dtype == jnp.float32
-                    and lora_merge_pays(math.prod(x.shape[:-1]), x.shape[-1], w.features, lora[0].shape[1])):
-                # float32 only: in bfloat16 the merged weight would round the adapter's small update away
-                kernel = kernel + jnp.dot(lora[0] * jnp.asarray(cfg.lora_scale, dtype), lora[1])
-                lora = None  # folded into the kernel
-            y = linear(x, kernel)
-        if w.bias is not None:
-            y = y + w.bias
-        if lora is not None and w.lora_x is not None:  # its own dropout(x)
-            y = y + lora_update(w.lora_x, [lora], cfg.lora_scale)[0]
-        elif lora is not None:
-            shared.append((len(ys), lora))
-        ys.append(y)
-    if shared:
-        for (i, _), term in zip(shared, lora_update(x, [lora for _, lora in shared], cfg.lora_scale)):
-            ys[i] = ys[i] + term
+    x = rows_as_given(x.astype(jnp.dtype(cfg.dtype)))
+    if cfg.linear is not None:
+        ys = cfg.linear.apply(x, ws)
+    else:
+        ys = [linear(x, w.kernel) if w.bias is None else linear(x, w.kernel) + w.bias for w in ws]
     return [rows_as_given(y) for y in ys]
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from sftjax.model.attention import Attention, attention_mask, mask_bias, window_mask
 from sftjax.model.config import ModelConfig
-from sftjax.model.layers import _INIT_STD, Dense, RMSNorm, dense, gated_activation, linear
+from sftjax.model.layers import INIT_STD, Dense, RMSNorm, dense, gated_activation, linear
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -80,12 +80,12 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     bias = jnp.zeros((1, 1, 1), jnp.float32)
     init_layer = lambda key: Block(cfg).init(key, x, positions, bias)["params"]  # noqa: E731
     params: Params = {
-        "embed_tokens": {"embedding": (_INIT_STD * jax.random.normal(k_embed, (V, D))).astype(param_dtype)},
+        "embed_tokens": {"embedding": (INIT_STD * jax.random.normal(k_embed, (V, D))).astype(param_dtype)},
         "layers": jax.vmap(init_layer)(jax.random.split(k_layers, cfg.num_layers)),
         "norm": {"scale": (jnp.zeros if cfg.norm_plus_one else jnp.ones)((D,), param_dtype)},
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": (_INIT_STD * jax.random.normal(k_head, (D, V))).astype(param_dtype)}
+        params["lm_head"] = {"kernel": (INIT_STD * jax.random.normal(k_head, (D, V))).astype(param_dtype)}
     return params
 
 
@@ -135,13 +135,13 @@ def run_layers(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Ar
     """Apply the L blocks. x [B, T, D], mask [B, T, S] -> (x [B, T, D], updated cache (k, v) [L, B, S, K, H]).
 
     Per-layer inputs (parameters, attention window, cache slice, layer index) are scanned or looped over
-    together. Dropout (residual and LoRA; training only) uses the key fold_in(dropout_rng, layer). Without
-    sliding windows every layer shares one attention bias, built here once.
+    together. Dropout (residual, and the linear plug-in's; training only) uses the key fold_in(dropout_rng,
+    layer). Without sliding windows every layer shares one attention bias, built here once.
     """
     block = Block(cfg)
     windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
     shared_bias = None if any(cfg.layer_windows()) else mask_bias(mask)
-    train = dropout_rng is not None and (cfg.dropout_rate > 0 or cfg.lora_dropout > 0)
+    train = dropout_rng is not None and (cfg.dropout_rate > 0 or (cfg.linear is not None and cfg.linear.stochastic))
 
     def layer(x, per_layer):
         params, window, kv, index = per_layer

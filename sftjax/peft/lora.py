@@ -10,8 +10,9 @@ trainable, e.g. embeddings for added tokens):
     embed_tokens/embedding [V, D]                                      when trainable_modules has embed_tokens
 
 `merge_params(frozen, adapters)` (sftjax.train.state) is the tree the model runs: each targeted Dense then holds
-kernel (or qkernel) plus lora_a / lora_b, and adds the low-rank branch itself (sftjax.model.layers.Dense). The
-scale and the dropout rate are static model settings: `model_config(cfg, spec)`.
+kernel (or qkernel) plus lora_a / lora_b. The model itself knows only kernels: `model_config(cfg, spec)` gives it
+the linear plug-in that reads and applies the adapters with this spec's scale and dropout
+(`sftjax.peft.adapted`).
 
 Targets follow PEFT's rules, applied to the HF module names `model.layers.{i}.self_attn.q_proj`: a list matches a
 module whose name equals an entry or ends with "." + entry; a single string other than "all-linear" is a regular
@@ -37,6 +38,7 @@ from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import Params, param_shapes
 from sftjax.peft import quant
+from sftjax.peft.adapted import AdaptedLinear
 
 Module = tuple[str, ...]  # a Dense module's path in the param tree, e.g. ("layers", "self_attn", "q_proj")
 TRAINABLE_MODULES = ("embed_tokens", "lm_head", "norm")  # modules that can be trained fully beside the adapters
@@ -58,9 +60,10 @@ class LoraSpec:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
-def model_config(cfg: ModelConfig, spec: LoraSpec) -> ModelConfig:
-    """The model settings under which Dense layers apply their adapters with this spec's scale and dropout."""
-    return cfg.replace(lora_scale=spec.scale, lora_dropout=spec.dropout)
+def model_config(cfg: ModelConfig, spec: LoraSpec | None = None) -> ModelConfig:
+    """The model settings under which Dense layers apply their adapters (and 4-bit kernels) with this spec's scale
+    and dropout. spec None: for a tree with 4-bit kernels and no adapters (a quantized base alone)."""
+    return cfg.replace(linear=AdaptedLinear() if spec is None else AdaptedLinear(spec.scale, spec.dropout))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from sftjax.errors import ConfigError
 from sftjax.model import attention, layers, transformer
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import forward, init_params
-from sftjax.peft import lora, quant
+from sftjax.peft import adapted, lora, quant
 from sftjax.train.state import merge_params
 
 CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
@@ -98,9 +98,9 @@ def test_merged_equals_unmerged(base, rslora):
 
 def test_a_large_rank_trains_through_the_merged_weight_with_the_same_values_and_gradients(base, monkeypatch):
     # rank 16 on 64-wide layers over 4 x 64 tokens: x @ (W + s A @ B) costs fewer FLOPs than the factors
-    assert layers.lora_merge_pays(256, 64, 64, 16) and layers.lora_merge_pays(256, 64, 32, 16)
-    assert not layers.lora_merge_pays(256, 512, 512, 16)  # the bench config's rank-16 adapters stay factored
-    assert not layers.lora_merge_pays(4, 64, 64, 16)  # so does decoding one token per row
+    assert adapted.lora_merge_pays(256, 64, 64, 16) and adapted.lora_merge_pays(256, 64, 32, 16)
+    assert not adapted.lora_merge_pays(256, 512, 512, 16)  # the bench config's rank-16 adapters stay factored
+    assert not adapted.lora_merge_pays(4, 64, 64, 16)  # so does decoding one token per row
     spec = lora.LoraSpec(rank=16, alpha=32)
     adapters = _random_b(lora.init_adapters(CFG, spec, jax.random.key(1)))
     cfg = lora.model_config(CFG, spec)
@@ -110,16 +110,16 @@ def test_a_large_rank_trains_through_the_merged_weight_with_the_same_values_and_
         jax.clear_caches()  # `forward` is jitted: trace it again with the current `lora_merge_pays`
         return jax.value_and_grad(lambda t: jnp.mean(forward(cfg, merge_params(base, t), tokens) ** 2))(adapters)
 
-    decisions, pays = [], layers.lora_merge_pays
+    decisions, pays = [], adapted.lora_merge_pays
 
     def spy(*args):
         decisions.append(pays(*args))
         return decisions[-1]
 
-    monkeypatch.setattr(layers, "lora_merge_pays", spy)
+    monkeypatch.setattr(adapted, "lora_merge_pays", spy)
     merged = loss_and_grads()
     assert len(decisions) == 7 and all(decisions)  # every adapted linear (one scanned layer traced) ran merged
-    monkeypatch.setattr(layers, "lora_merge_pays", lambda *a: False)
+    monkeypatch.setattr(adapted, "lora_merge_pays", lambda *a: False)
     factored = loss_and_grads()
     assert abs(float(merged[0]) - float(factored[0])) < 1e-6 * abs(float(factored[0]))  # f32: other sum order
     for m, f in zip(jax.tree.leaves(merged[1]), jax.tree.leaves(factored[1])):
@@ -130,7 +130,7 @@ def test_a_large_rank_trains_through_the_merged_weight_with_the_same_values_and_
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj", "gate_proj"], "all-linear"])
 def test_adapters_sharing_an_input_share_their_first_product_with_the_same_values_and_gradients(
         base, targets, monkeypatch):
-    """`layers.dense` runs one x @ [A_q A_v] for q and v (k has no adapter here), one x @ A_gate; the reference
+    """`AdaptedLinear.apply` runs one x @ [A_q A_v] for q and v (k has no adapter here), one x @ A_gate; the reference
     applies every layer alone (experiments/bench/ab.py's unfused_projections)."""
     spec = lora.LoraSpec(rank=4, alpha=8, target_modules=targets)
     adapters = _random_b(lora.init_adapters(CFG, spec, jax.random.key(1)))
@@ -140,17 +140,17 @@ def test_adapters_sharing_an_input_share_their_first_product_with_the_same_value
         jax.clear_caches()  # `forward` is jitted: trace it again with the current `dense`
         return jax.value_and_grad(lambda t: jnp.mean(forward(cfg, merge_params(base, t), TOKENS) ** 2))(adapters)
 
-    first_products, linear = [], layers.linear
+    first_products, linear = [], adapted.linear
 
     def spy(x, w):
         first_products.append(w.shape)
         return linear(x, w)
 
-    monkeypatch.setattr(layers, "linear", spy)
+    monkeypatch.setattr(adapted, "linear", spy)
     shared = loss_and_grads()
     n_qkv, n_mlp = (2, 1) if targets != "all-linear" else (3, 2)
     assert (64, 4 * n_qkv) in first_products and (64, 4 * n_mlp) in first_products  # one [in, n R] per group
-    monkeypatch.setattr(layers, "linear", linear)
+    monkeypatch.setattr(adapted, "linear", linear)
     alone = lambda x, ws, c: [y for w in ws for y in layers.dense(x, [w], c)]  # noqa: E731
     monkeypatch.setattr(attention, "dense", alone)
     monkeypatch.setattr(transformer, "dense", alone)
@@ -220,7 +220,7 @@ def _grad_temp_bytes(cfg, frozen, adapters, tokens):
 
 def test_qlora_backward_keeps_no_dequantized_copy_of_the_base():
     """The QLoRA gradient needs about the temp memory of LoRA on a float base, not that plus every layer's
-    dequantized weights (`layers.qlinear` dequantizes again in the backward pass). A model whose weights dwarf
+    dequantized weights (`adapted.qlinear` dequantizes again in the backward pass). A model whose weights dwarf
     its activations (8 tokens): all layers' dequantized weights are 18.9 MB, one layer's 2.4 MB."""
     cfg0 = ModelConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=8, num_heads=4,
                        num_kv_heads=2, head_dim=64)
@@ -243,11 +243,25 @@ def test_merge_into_a_quantized_base_reports_the_requantization_error(base):
     merged, errors = lora.merge(merge_params(quantized, adapters), spec.scale)
     assert set(errors) == {"layers/self_attn/q_proj"} and 0.01 < errors["layers/self_attn/q_proj"] < 0.2
     assert merged["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.float32  # merged in float
-    np.testing.assert_allclose(forward(CFG, merged, TOKENS), unmerged, atol=1e-5)  # merge is exact before re-quant
+    qcfg = lora.model_config(CFG, spec)  # the other layers are still 4-bit: the plain model does not read them
+    np.testing.assert_allclose(forward(qcfg, merged, TOKENS), unmerged, atol=1e-5)  # merge is exact before re-quant
     requant, _ = lora.merge(merge_params(quantized, adapters), spec.scale, requantize=True)
     assert "qkernel" in requant["layers"]["self_attn"]["q_proj"]
-    drift = np.abs(forward(CFG, requant, TOKENS) - unmerged).max()
+    drift = np.abs(forward(qcfg, requant, TOKENS) - unmerged).max()
     assert drift > 1e-4  # re-quantizing changes the function: the reported error is real
+
+
+def test_the_plain_model_refuses_adapters_and_4bit_kernels_in_one_line(base):
+    """The model reads kernels and biases only: a tree with adapters or 4-bit kernels needs the LoRA model config,
+    and the plain config says so instead of ignoring the adapters (Flax would) or failing on a missing kernel."""
+    spec = lora.LoraSpec(rank=4, alpha=8, target_modules=["q_proj"])
+    adapters = lora.init_adapters(CFG, spec, jax.random.key(1))
+    quantized = quant.quantize_params(base, "nf4", double_quant=True)
+    for tree, held in ((merge_params(base, adapters), "'bias', 'kernel', 'lora_a', 'lora_b'"),
+                       (quantized, "'bias', 'qkernel'")):  # CFG: q, k, v have biases
+        with pytest.raises(ValueError, match=rf"self_attn/q_proj: holds \[{held}\], not a kernel.*lora.model_config"):
+            forward(CFG, tree, TOKENS)
+    forward(lora.model_config(CFG, spec), merge_params(quantized, adapters), TOKENS)  # what it says works
 
 
 @pytest.mark.parametrize("spec,message", [

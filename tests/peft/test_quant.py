@@ -226,9 +226,10 @@ def test_forward_on_quantized_tree_equals_forward_on_dequantized(params, nf4_tre
     dequantized = quant.dequantize_params(nf4_tree)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), dequantized) == \
         jax.tree.map(lambda a: (a.shape, a.dtype), params)
-    # forward is jitted: the Dense layers dequantize inside jit and the layer scan
-    np.testing.assert_allclose(sftjax.forward(CFG, nf4_tree, TOKENS), sftjax.forward(CFG, dequantized, TOKENS),
-                               atol=MODEL_ATOL)
+    # forward is jitted: the Dense layers dequantize inside jit and the layer scan (through the plug-in that reads
+    # 4-bit kernels: `lora_model_config` without a spec)
+    np.testing.assert_allclose(sftjax.forward(sftjax.lora_model_config(CFG), nf4_tree, TOKENS),
+                               sftjax.forward(CFG, dequantized, TOKENS), atol=MODEL_ATOL)
     # the round trip is per-layer dequantize(quantize(kernel[i].T)).T, and close to the float weights
     kernel = np.asarray(params["layers"]["mlp"]["up_proj"]["kernel"])
     restored = np.asarray(dequantized["layers"]["mlp"]["up_proj"]["kernel"])

@@ -1,4 +1,6 @@
-"""Data augmentation on packed batches: prompt-token noise.
+"""Data augmentation on packed batches: prompt-token noise, a step of the data pipeline.
+
+    DataIterator (packed rows) -> PromptNoise (this module; only when a dataset sets prompt_noise) -> train step
 
 Each time a batch is drawn, every *prompt* token of a task with rate r > 0 is replaced with probability r by a
 token drawn uniformly from the batch's eligible prompt tokens (so from the data's own token distribution: no
@@ -14,6 +16,9 @@ Use it only where the answer does not depend on every prompt token (classificati
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,3 +49,31 @@ def prompt_noise(batch: dict[str, np.ndarray], rates: np.ndarray, rng: np.random
     noised = tokens.copy()
     noised[hit] = pool[rng.integers(0, len(pool), int(hit.sum()))]
     return {**batch, "tokens": noised}
+
+
+class PromptNoise:
+    """Batches of a data iterator with `prompt_noise` applied at the per-task rates (task ids index them).
+
+    Each batch's randomness comes from (seed, the iterator's position before the batch, the process index), so the
+    stream depends on the iterator state alone and a resumed run draws exactly the noise of the uninterrupted one;
+    `state()` is the wrapped iterator's.
+    """
+
+    def __init__(self, iterator: Any, rates: Sequence[float], seed: int):
+        self.iterator, self.rates, self.seed = iterator, np.asarray(rates, np.float64), seed
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        at = self.iterator.state()
+        rng = np.random.default_rng([self.seed, at["epoch"], at["position"], at["row"], self.iterator.process_index])
+        return prompt_noise(next(self.iterator), self.rates, rng)
+
+    def state(self) -> dict[str, Any]:
+        return self.iterator.state()
+
+
+def with_prompt_noise(iterator: Any, rates: Sequence[float], seed: int) -> Any:
+    """The pipeline's augmentation step: `iterator` itself when no rate is positive, else `PromptNoise`."""
+    return PromptNoise(iterator, rates, seed) if any(r > 0 for r in rates) else iterator

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from sftjax.config import TrainConfig, validate
-from sftjax.data.augment import prompt_noise
+from sftjax.data.augment import with_prompt_noise
 from sftjax.data.pipeline import DataIterator
 from sftjax.errors import UserError
 from sftjax.objectives import base as objectives
@@ -67,33 +67,30 @@ class EarlyStopping:
         return self.patience > 0 and self.bad_evals >= self.patience
 
 
-def _next_batch(iterator: DataIterator, accum: int, noise: np.ndarray, rng: np.random.Generator,
-                objective: Objective) -> tuple[dict[str, np.ndarray], int]:
-    """[devices, accum, b, T] arrays from `accum` consecutive batches (prompt noise at the per-task rates `noise`;
-    plus what the objective prepares, e.g. SFT's label_index [devices, accum, K]), and their non-padding token
-    count."""
+def _next_batch(iterator: DataIterator, accum: int, objective: Objective) -> tuple[dict[str, np.ndarray], int]:
+    """[devices, accum, b, T] arrays from `accum` consecutive batches (plus what the objective prepares, e.g. SFT's
+    label_index [devices, accum, K]), and their non-padding token count."""
     parts = [next(iterator) for _ in range(accum)]
-    batch = prompt_noise({k: np.stack([p[k] for p in parts], axis=1) for k in parts[0]}, noise, rng)
+    batch = {k: np.stack([p[k] for p in parts], axis=1) for k in parts[0]}
     return objective.prepare(batch), int((batch["segment_ids"] > 0).sum())
 
 
 class _Batches:
-    """The SFT batch source: the data iterator (with prompt noise and the objective's host preparation)."""
+    """The SFT batch source: the data pipeline's batches (augmented, `data/augment.py`) and the objective's host
+    preparation."""
 
     at_boundary = True
     metrics: dict[str, float] = {}
 
     def __init__(self, iterator: DataIterator, cfg: TrainConfig, objective: Objective):
-        self.iterator, self.cfg, self.objective = iterator, cfg, objective
-        self.noise = np.array([d.prompt_noise for d in cfg.data.train], np.float64)  # per task id (data.train order)
+        self.iterator = with_prompt_noise(iterator, [d.prompt_noise for d in cfg.data.train], cfg.trainer.seed)
+        self.cfg, self.objective = cfg, objective
 
     def state(self) -> dict[str, Any]:
         return self.iterator.state()
 
     def next(self, state, frozen, refs, step: int) -> tuple[dict[str, np.ndarray], int]:
-        t = self.cfg.trainer
-        return _next_batch(self.iterator, t.grad_accum, self.noise, np.random.default_rng([t.seed, step]),
-                           self.objective)
+        return _next_batch(self.iterator, self.cfg.trainer.grad_accum, self.objective)
 
 
 def _rl_source(cfg: TrainConfig, objective, model_cfg, tokenizer, devices: int):

@@ -3,7 +3,7 @@ deterministically for a given generator; the result never changes targets or mas
 
 import numpy as np
 
-from sftjax.data.augment import eligible, prompt_noise
+from sftjax.data.augment import eligible, prompt_noise, with_prompt_noise
 
 
 def _batch():
@@ -42,3 +42,32 @@ def test_noise_touches_only_eligible_tokens_of_tasks_with_a_rate():
 def test_no_rate_returns_the_batch():
     batch = _batch()
     assert prompt_noise(batch, np.zeros(2), np.random.default_rng(0)) is batch
+
+
+class _Rows:
+    """A stand-in for DataIterator: the same packed row repeated 500 times per batch, its position advancing."""
+
+    process_index = 0
+
+    def __init__(self, row=0):
+        self.row = row
+
+    def state(self):
+        return {"epoch": 0, "position": 0, "row": self.row}
+
+    def __next__(self):
+        self.row += 1
+        return {k: np.repeat(v, 500, axis=0) for k, v in _batch().items()}
+
+
+def test_the_augmentation_step_is_a_pipeline_stage_that_resumes_exactly():
+    plain = _Rows()
+    assert with_prompt_noise(plain, [0.0, 0.0], seed=0) is plain  # nothing to add: the iterator itself
+    first = with_prompt_noise(_Rows(), [0.5, 0.0], seed=0)
+    stream = [next(first)["tokens"] for _ in range(3)]
+    assert first.state() == {"epoch": 0, "position": 0, "row": 3}  # the wrapped iterator's state
+    assert not np.array_equal(stream[0], stream[1])  # every batch draws its own noise
+    resumed = with_prompt_noise(_Rows(row=2), [0.5, 0.0], seed=0)  # restored where the third batch starts
+    np.testing.assert_array_equal(next(resumed)["tokens"], stream[2])
+    other_seed = with_prompt_noise(_Rows(), [0.5, 0.0], seed=1)
+    assert not np.array_equal(next(other_seed)["tokens"], stream[0])

@@ -4,20 +4,31 @@ Hydra composes conf/config.yaml and its groups (model/ method/ data/ optim/ trai
 `TrainConfig` schema registered here, so a wrong type or an unknown key fails at composition. `validate` then
 rejects impossible values (lr <= 0, a batch that does not split over the devices, ...) with one line naming the
 key. Every field has a one-line comment; the YAML files repeat them where users read them.
+
+The LoRA and data settings are the library's own dataclasses (`LoraSpec`, `DatasetSpec`, `DataOptions`), which
+check themselves; each list of allowed values is defined once, in the module that owns the concept. Importing this
+module does not import JAX (Hydra composes the config before JAX starts).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from sftjax.data.pipeline import DataOptions, DatasetSpec
 from sftjax.errors import ConfigError
+from sftjax.model.config import DTYPES, REMAT_POLICIES
+from sftjax.peft.spec import LoraSpec
 
-DTYPES = ("float32", "bfloat16", "float16")
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora")  # method.name
+OPTIMIZERS = ("adamw", "adafactor", "sgd")  # optim.name (train/optim.py builds them)
+SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+PARALLELISMS = ("data", "fsdp")  # trainer.parallelism
+BEST_MODES = ("min", "max")  # trainer.best_mode
+RESUMES = ("auto", "never")  # trainer.resume
 
 
 @dataclasses.dataclass
@@ -33,56 +44,34 @@ class ModelSection:
 
 
 @dataclasses.dataclass
-class LoraSection:
-    rank: int = 16  # r: adapter rank
-    alpha: float = 32.0  # scale = alpha / r (rslora: alpha / sqrt(r))
-    dropout: float = 0.05  # dropout on the adapter input during training
-    target_modules: Any = "all-linear"  # all-linear | list of module names (q_proj, ...) | one regex (PEFT rules)
-    rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
-    init: str = "kaiming"  # A initialisation: kaiming (uniform, as PEFT) | gaussian (std 1/r); B starts at 0
-    trainable_modules: list[str] = field(default_factory=list)  # also train fully: embed_tokens | lm_head | norm
-
-
-@dataclasses.dataclass
 class QuantSection:
-    kind: str = "nf4"  # 4-bit code of the frozen base under qlora: nf4 (bitsandbytes-exact) | int4 (symmetric)
+    kind: str = "nf4"  # 4-bit code of the frozen base under qlora: nf4 (bitsandbytes-exact) | int4 (quant.KINDS)
     double_quant: bool = True  # quantize the per-block absmax constants to 8 bits (4.127 instead of 4.5 bits/param)
 
 
 @dataclasses.dataclass
 class MethodSection:
     name: str = "full"  # full (all weights trained) | lora (adapters on a frozen base) | qlora (on a 4-bit base)
-    lora: LoraSection = field(default_factory=LoraSection)  # adapter settings (lora and qlora)
+    # adapter settings (lora and qlora; sftjax/peft/spec.py); a run's adapter dropout defaults to 0.05, as in
+    # conf/method/lora.yaml, the library's LoraSpec to 0.0
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(dropout=0.05))
     quant: QuantSection = field(default_factory=QuantSection)  # base quantization (qlora)
 
 
 @dataclasses.dataclass
-class DatasetSection:
-    path: str = "???"  # local .jsonl / .json file
-    weight: Optional[float] = None  # mixture weight (None for every dataset: proportional to size)
-    format: str = "auto"  # auto | chat | prompt_completion | alpaca | text
-    name: Optional[str] = None  # task name in metrics (default: the file stem)
-    as_chat: bool = False  # render prompt/completion and Alpaca records through the chat template
-    prompt_noise: float = 0.0  # augmentation: share of prompt tokens replaced at random in every batch drawn
-    head: bool = False  # a classification head for this task (objective=heads): label from `label` or the completion
-    labels: list[str] = field(default_factory=list)  # the head's classes in order ([]: collected from the train split)
+class DataSplits:
+    """The datasets of a run (each entry a DatasetSpec, sftjax/data/pipeline.py)."""
+
+    train: list[DatasetSpec] = field(default_factory=list)  # training datasets (one task each)
+    eval: list[DatasetSpec] = field(default_factory=list)  # held-out datasets (same task order as train)
+    eval_fraction: float = 0.0  # when eval is empty: hold out this fraction of each training dataset
 
 
 @dataclasses.dataclass
-class DataSection:
-    train: list[DatasetSection] = field(default_factory=list)  # training datasets (one task each)
-    eval: list[DatasetSection] = field(default_factory=list)  # held-out datasets (same task order as train)
-    eval_fraction: float = 0.0  # when eval is empty: hold out this fraction of each training dataset
-    seq_len: int = 512  # T: tokens per packed row
-    mask: str = "completion"  # completion | last_turn | all: which tokens are trained
-    mask_rule: str = "auto"  # how chat masks are found: auto | tags | per_turn | search (data/chat_spans.py)
-    append_eos: bool = True  # append EOS (trained) where the text does not end its own turn
-    over_long: str = "truncate"  # truncate (keep the completion) | drop | error
-    packing: str = "bfd"  # bfd | greedy | none (one example per row, padded)
-    pack_window: int = 1024  # examples packed together
-    chat_template: Optional[str] = None  # override the tokenizer's template: built-in name or .jinja path
-    template_kwargs: Dict[str, Any] = field(default_factory=dict)  # chat-template variables (enable_thinking, tools)
-    seed: int = 0  # shuffling seed (also decides the held-out split)
+class DataSection(DataOptions, DataSplits):
+    """data.*: the splits, then how they become rows (DataOptions). Fields follow the reversed bases, so the keys
+    keep the order of conf/data/default.yaml."""
+
 
 
 @dataclasses.dataclass
@@ -184,6 +173,10 @@ def check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    check(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
+
+
 def mesh_shape(t: TrainerSection, devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) of parallelism=fsdp over `devices` devices in all; one line when they do not fit."""
     check(t.tensor >= 1, "trainer.tensor", t.tensor, "must be >= 1")
@@ -197,31 +190,27 @@ def mesh_shape(t: TrainerSection, devices: int) -> tuple[int, int, int]:
 
 def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> None:
     """Reject impossible values with one line naming the key. device_count: local devices of this process."""
+    from sftjax.peft.quant import KINDS  # deferred, as `settings` below: quant imports JAX
+
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
-    check(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
-    check(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"must be one of {', '.join(DTYPES)}")
-    check(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "must be none, full or dots")
+    check_choice("model.dtype", m.dtype, DTYPES)
+    check_choice("model.param_dtype", m.param_dtype, DTYPES)
+    check_choice("model.remat", m.remat, REMAT_POLICIES)
     check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
-    check(cfg.method.name in METHODS, "method.name", cfg.method.name, f"must be one of {', '.join(METHODS)}")
-    lo, q = cfg.method.lora, cfg.method.quant
-    check(isinstance(lo.rank, int) and lo.rank >= 1, "method.lora.rank", lo.rank, "must be a positive integer")
-    check(lo.alpha > 0, "method.lora.alpha", lo.alpha, "must be > 0")
-    check(0.0 <= lo.dropout < 1.0, "method.lora.dropout", lo.dropout, "must be in [0, 1)")
-    check(lo.init in ("kaiming", "gaussian"), "method.lora.init", lo.init, "must be kaiming or gaussian")
-    check(isinstance(lo.target_modules, (str, list, tuple)), "method.lora.target_modules", lo.target_modules,
-          "must be all-linear, a list of module names or one regex")
-    check(q.kind in ("nf4", "int4"), "method.quant.kind", q.kind, "must be nf4 or int4")
+    check_choice("method.name", cfg.method.name, METHODS)
+    cfg.method.lora.check("method.lora")
+    check_choice("method.quant.kind", cfg.method.quant.kind, KINDS)
     check(bool(d.train), "data.train", [], "no training dataset (e.g. data=path/to/train.jsonl; without one, "
           "sftjax-train runs the built-in tasks)")
-    for i, ds in enumerate(d.train):
-        check(0.0 <= ds.prompt_noise < 1.0, f"data.train[{i}].prompt_noise", ds.prompt_noise, "must be in [0, 1)")
+    for split in ("train", "eval"):
+        for i, ds in enumerate(getattr(d, split)):
+            ds.check(f"data.{split}[{i}]")
     check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
-    check(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
-    check(o.name in ("adamw", "adafactor", "sgd"), "optim.name", o.name, "must be adamw, adafactor or sgd")
+    d.check("data")
+    check_choice("optim.name", o.name, OPTIMIZERS)
     check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    check(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", o.schedule,
-          "must be cosine, linear or constant")
+    check_choice("optim.schedule", o.schedule, SCHEDULES)
     check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     check(o.warmup_steps < t.max_steps or o.warmup_steps == 0, "optim.warmup_steps", o.warmup_steps,
           f"must be < trainer.max_steps={t.max_steps}")
@@ -233,7 +222,7 @@ def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> Non
           f"must be between 0 (all) and the {device_count} local devices")
     check(t.devices in (0, device_count) or process_count == 1, "trainer.devices", t.devices,
           f"must be 0 (all local devices) in a run of {process_count} processes")
-    check(t.parallelism in ("data", "fsdp"), "trainer.parallelism", t.parallelism, "must be data or fsdp")
+    check_choice("trainer.parallelism", t.parallelism, PARALLELISMS)
     if t.parallelism == "fsdp":
         groups = mesh_shape(t, device_count * process_count)[:2]
         check(t.devices == 0, "trainer.devices", t.devices, "parallelism=fsdp runs on every device: leave it 0")
@@ -253,8 +242,8 @@ def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> Non
     check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1")
     check(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "must be >= 1 (the newest checkpoint resumes)")
     check(t.keep_best >= 0, "trainer.keep_best", t.keep_best, "must be >= 0")
-    check(t.best_mode in ("min", "max"), "trainer.best_mode", t.best_mode, "must be min or max")
-    check(t.resume in ("auto", "never"), "trainer.resume", t.resume, "must be auto or never")
+    check_choice("trainer.best_mode", t.best_mode, BEST_MODES)
+    check_choice("trainer.resume", t.resume, RESUMES)
     has_eval = bool(d.eval) or d.eval_fraction > 0
     check(has_eval or t.patience == 0 or not t.best_metric.startswith("eval/"), "trainer.patience", t.patience,
           f"early stopping on {t.best_metric} needs an eval split (data.eval or data.eval_fraction > 0)")

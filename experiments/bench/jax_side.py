@@ -27,7 +27,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sftjax.config import (
-    LoraSection,
     MethodSection,
     ModelSection,
     OptimSection,
@@ -38,6 +37,7 @@ from sftjax.model.transformer import init_params
 from sftjax.objectives.base import Objective
 from sftjax.objectives.sft import SFT
 from sftjax.peft import lora as lora_lib
+from sftjax.peft.spec import LoraSpec
 from sftjax.peft import quant
 from sftjax.train import sharded, step
 from sftjax.train.optim import make_optimizer, schedule
@@ -58,19 +58,17 @@ def train_config(model_path: str, mode: str, rank: int, alpha: float, lr: float,
         model=ModelSection(path=model_path, dtype="bfloat16" if bf16 else "float32",
                            param_dtype="bfloat16" if bf16 and mode != "full" else "float32", remat=remat,
                            scan_layers=scan_layers),
-        method=MethodSection(name=mode, lora=LoraSection(rank=rank, alpha=alpha, dropout=0.0,
-                                                         target_modules=list(TARGETS))),
+        method=MethodSection(name=mode, lora=LoraSpec(rank=rank, alpha=alpha, dropout=0.0,
+                                                      target_modules=list(TARGETS))),
         optim=OptimSection(name="adamw", lr=lr, weight_decay=0.0, schedule="constant", max_grad_norm=0.0),
     )
 
 
 def build_from_weights(cfg: TrainConfig, model_cfg: ModelConfig, params: Any) -> Model:
     """As `build_model`, from weights in memory instead of a directory (the depth sweep)."""
-    from sftjax.train.setup import lora_spec
-
     if cfg.method.name == "full":
         return Model(model_cfg, {}, params, "", None, {})
-    spec = lora_spec(cfg)
+    spec = cfg.method.lora
     adapters = lora_lib.init_adapters(model_cfg, spec, jax.random.fold_in(jax.random.key(cfg.trainer.seed), 1))
     frozen, trainable = lora_lib.split(params, spec, adapters)
     if cfg.method.name == "qlora":

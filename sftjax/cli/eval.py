@@ -34,8 +34,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sftjax.cli.common import add_checkpoint_choice, compose_config, fail, one_line, run_config, version_line
 from sftjax.cli.malloc import use_huge_pages
-from sftjax.config import DatasetSection, TrainConfig
-from sftjax.data.pipeline import Prepared
+from sftjax.config import TrainConfig
+from sftjax.data.pipeline import DatasetSpec, Prepared
 from sftjax.data.tokenizer import Tokenizer
 from sftjax.errors import UserError
 from sftjax.model.config import PRESETS
@@ -102,7 +102,7 @@ def eval_data(cfg: TrainConfig, tokenizer: Tokenizer, args: argparse.Namespace) 
     """The --data files (under the run's data settings), or the run's eval split; every example once. And the
     config whose data.train names those tasks (the objective's tasks)."""
     if args.data:
-        sections = [DatasetSection(path=p, format=args.format, as_chat=args.as_chat) for p in args.data]
+        sections = [DatasetSpec(path=p, format=args.format, as_chat=args.as_chat) for p in args.data]
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=sections, eval=[], eval_fraction=0))
         data = build_data(cfg, tokenizer, devices=1)[0]
     else:
@@ -120,7 +120,7 @@ def evaluate_rl(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
     from sftjax.train.rl_eval import evaluate_prompts
 
     if args.data:
-        sections = [DatasetSection(path=p, format=args.format, as_chat=args.as_chat) for p in args.data]
+        sections = [DatasetSpec(path=p, format=args.format, as_chat=args.as_chat) for p in args.data]
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=sections, eval=[], eval_fraction=0))
     model = build_model(cfg)
     tokenizer = build_tokenizer(cfg, model.cfg)

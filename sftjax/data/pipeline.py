@@ -1,5 +1,9 @@
 """The data pipeline from config to batches: read -> tokenize + mask -> fit length -> mix -> pack -> shard.
 
+The settings are the run config's own dataclasses (sftjax.config registers them with Hydra): `DatasetSpec` is an
+entry of data.train / data.eval, `DataOptions` the rest of data.*, and `DataConfig` adds what this module needs
+beyond them (the datasets of one split, the batch, the epochs).
+
 `prepare(config, tokenizer)` reads and tokenizes every dataset once (SFT datasets fit in host memory; lengths are
 needed for packing anyway) and counts what was dropped or truncated. `DataIterator` then streams batches:
 
@@ -41,13 +45,15 @@ from typing import Any
 
 import numpy as np
 
+from sftjax.data.chat_spans import RULES
 from sftjax.data.errors import DataError
-from sftjax.data.formats import Example, Pair, read_dataset
-from sftjax.data.masking import Tokenized, tokenize_examples
+from sftjax.data.formats import FORMATS, Example, Pair, read_dataset
+from sftjax.data.masking import MASK_MODES, Tokenized, tokenize_examples
 from sftjax.data.mixture import epoch_order
-from sftjax.data.packing import build_rows, empty_rows, fit_length, pack_bins
+from sftjax.data.packing import OVER_LONG, PACKING, build_rows, empty_rows, fit_length, pack_bins
 from sftjax.data.preference import tokenize_pairs
 from sftjax.data.tokenizer import Tokenizer
+from sftjax.errors import ConfigError
 
 _STATE_VERSION = 2  # 2: rows of a best-fit-decreasing window are shuffled
 _ROW_TAG = 3  # seeds of the row shuffle of a packed window (mixture.py uses tags 1 and 2)
@@ -55,30 +61,83 @@ _ROW_TAG = 3  # seeds of the row shuffle of a packed window (mixture.py uses tag
 
 @dataclasses.dataclass
 class DatasetSpec:
-    path: str  # local .jsonl or .json file
-    weight: float | None = None  # mixture weight; None for all datasets: proportional to size
-    format: str = "auto"  # auto | chat | prompt_completion | alpaca | text
-    name: str | None = None  # task name in reports (default: the file stem); the task id is the list index
+    """One dataset of a run: an entry of data.train / data.eval in the run config, and of DataConfig.datasets."""
+
+    path: str = "???"  # local .jsonl / .json file (required: "???" is Hydra's missing value)
+    weight: float | None = None  # mixture weight (None for every dataset: proportional to size)
+    format: str = "auto"  # auto | chat | prompt_completion | alpaca | text | preference (formats.FORMATS)
+    name: str | None = None  # task name in metrics (default: the file stem); the task id is the list index
     as_chat: bool = False  # render prompt/completion and Alpaca records through the chat template
-    head: bool = False  # a classification task: each example is its prompt and a class label (see formats.py)
-    labels: tuple[str, ...] = ()  # the head's classes in index order; (): the sorted labels of this dataset
+    prompt_noise: float = 0.0  # augmentation: share of prompt tokens replaced at random in every batch drawn
+    # (by the training loop, data/augment.py: `prepare` ignores it)
+    head: bool = False  # a classification head for this task (objective=heads): label from `label` or the completion
+    labels: tuple[str, ...] = ()  # the head's classes in order ((): collected from the train split)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.labels, list):  # Hydra hands lists
+            self.labels = tuple(self.labels)
+
+    def check(self, key: str) -> None:
+        """ConfigError, one line naming `key`.<field> (e.g. data.train[0].format), on an impossible value."""
+        if self.format != "auto" and self.format not in FORMATS:
+            raise ConfigError(f"{key}.format={self.format!r}: must be auto or one of {', '.join(FORMATS)}")
+        if self.weight is not None and not self.weight >= 0:
+            raise ConfigError(f"{key}.weight={self.weight!r}: must be >= 0 (or null for every dataset)")
+        if not 0.0 <= self.prompt_noise < 1.0:
+            raise ConfigError(f"{key}.prompt_noise={self.prompt_noise!r}: must be in [0, 1)")
 
 
 @dataclasses.dataclass
-class DataConfig:
-    datasets: list[DatasetSpec]
-    seq_len: int = 2048  # T: tokens per row
-    mask: str = "completion"  # completion | last_turn | all
-    mask_rule: str = "auto"  # how chat masks are found: auto | tags | per_turn | search (chat_spans.py)
-    append_eos: bool = True  # append EOS (trained) where the text does not end its turn itself
+class DataOptions:
+    """How every dataset of a run becomes rows: data.* in the run config (beside data.train / data.eval)."""
+
+    seq_len: int = 512  # T: tokens per packed row
+    mask: str = "completion"  # completion | last_turn | all: which tokens are trained
+    mask_rule: str = "auto"  # how chat masks are found: auto | tags | per_turn | search (data/chat_spans.py)
+    append_eos: bool = True  # append EOS (trained) where the text does not end its own turn
     over_long: str = "truncate"  # truncate (keep the completion) | drop | error
-    packing: str = "bfd"  # bfd | greedy | none (padding: one example per row)
+    packing: str = "bfd"  # bfd | greedy | none (one example per row, padded)
     pack_window: int = 1024  # examples packed together (a larger window packs tighter, shuffles less)
+    chat_template: str | None = None  # override the tokenizer's template: built-in name or .jinja path
+    template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # chat-template variables
+    seed: int = 0  # shuffling seed (also decides the held-out split)
+
+    def check(self, key: str = "data") -> None:
+        """ConfigError, one line naming `key`.<field>, on an impossible value."""
+        if self.seq_len < 2:
+            raise ConfigError(f"{key}.seq_len={self.seq_len!r}: must be >= 2 (one input, one target)")
+        for name, allowed in (("mask", MASK_MODES), ("mask_rule", RULES), ("over_long", OVER_LONG),
+                              ("packing", PACKING)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")
+        if self.pack_window < 1:
+            raise ConfigError(f"{key}.pack_window={self.pack_window!r}: must be >= 1")
+
+
+@dataclasses.dataclass
+class DataConfig(DataOptions):
+    """What `prepare` and `DataIterator` read: the datasets, the options, and how batches are drawn."""
+
+    datasets: list[DatasetSpec] = dataclasses.field(default_factory=list)  # one task each, in task-id order
     per_device_batch: int = 8  # rows per device per step
-    seed: int = 0  # shuffling seed
     num_epochs: int | None = 1  # mixture epochs; None: endless
-    chat_template: str | None = None  # override: a built-in name or a .jinja path
-    template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra chat-template variables
+
+    @classmethod
+    def from_options(cls, options: DataOptions, **rest: Any) -> DataConfig:
+        """The DataOptions fields of `options` (e.g. the run config's data section) plus `rest` (datasets, ...)."""
+        return cls(**{**{f.name: getattr(options, f.name) for f in dataclasses.fields(DataOptions)}, **rest})
+
+    def check(self, key: str = "data") -> None:
+        """DataOptions.check, then the datasets (each entry; weights for all or none) and the batch."""
+        super().check(key)
+        if not self.datasets:
+            raise ConfigError(f"{key}.datasets: no dataset given")
+        for i, spec in enumerate(self.datasets):
+            spec.check(f"{key}.datasets[{i}]")
+        if len({d.weight is None for d in self.datasets}) > 1:
+            raise ConfigError(f"{key}.datasets[*].weight: give a weight for every dataset or for none")
+        if self.per_device_batch < 1:
+            raise ConfigError(f"{key}.per_device_batch={self.per_device_batch!r}: must be >= 1")
 
 
 @dataclasses.dataclass
@@ -137,18 +196,13 @@ def _classes(spec: DatasetSpec, name: str, examples: list[Example]) -> tuple[str
 
 
 def prepare(config: DataConfig, tokenizer: Tokenizer) -> Prepared:
-    """Read, validate, tokenize, mask and fit every dataset. Raises DataError on bad input or no trainable token.
+    """Read, validate, tokenize, mask and fit every dataset. Raises ConfigError on an impossible setting (before
+    reading anything), DataError on bad input or no trainable token.
 
     Head datasets keep every example that fits (nothing is trained as text) with its class index set.
     """
-    if not config.datasets:
-        raise DataError("data.datasets: no dataset given")
-    if config.seq_len < 2:
-        raise DataError(f"data.seq_len={config.seq_len}: need at least 2 tokens (one input, one target)")
+    config.check()
     tokenizer = tokenizer.with_chat_template(config.chat_template)
-    weights = [d.weight for d in config.datasets]
-    if any(w is None for w in weights) and not all(w is None for w in weights):
-        raise DataError("data.datasets[*].weight: give a weight for every dataset or for none")
     datasets, stats, labels, kinds = [], [], [], []
     for spec in config.datasets:
         st = DatasetStats(spec.name or Path(spec.path).stem, spec.path)

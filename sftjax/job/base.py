@@ -24,7 +24,8 @@ from pathlib import Path
 
 import jax
 
-from sftjax.config import BuiltinSection, DatasetSection, TrainConfig
+from sftjax.config import BuiltinSection, TrainConfig
+from sftjax.data.pipeline import DatasetSpec
 from sftjax.data.builtin import corpus as corpus_lib
 from sftjax.data.builtin import tasks as tasks_lib
 from sftjax.data.tokenizer import train_bpe_tokenizer
@@ -76,9 +77,9 @@ def _pretrain_config(settings: BuiltinSection, root: Path, model_dir: Path, corp
     cfg.model = dataclasses.replace(template.model, path=str(model_dir), tokenizer=None, dropout=0.0,
                                     dtype="float32", param_dtype="float32")
     cfg.method = dataclasses.replace(template.method, name="full")
-    cfg.data = dataclasses.replace(template.data, train=[DatasetSection(path=str(corpus.train_path), format="text",
+    cfg.data = dataclasses.replace(template.data, train=[DatasetSpec(path=str(corpus.train_path), format="text",
                                                                         name="corpus")],
-                                   eval=[DatasetSection(path=str(corpus.heldout_path), format="text",
+                                   eval=[DatasetSpec(path=str(corpus.heldout_path), format="text",
                                                         name="corpus")],
                                    eval_fraction=0.0, seq_len=settings.pretrain_seq_len, mask="all",
                                    packing="bfd", chat_template=None)

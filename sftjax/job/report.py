@@ -51,7 +51,7 @@ def _prepared(paths: list[tuple[str, Path]], tokenizer: Tokenizer, seq_len: int,
     heads = heads or {}
     specs = [DatasetSpec(str(p), format=fmt, name=name, head=name in heads, labels=tuple(heads.get(name, ())))
              for name, p in paths]
-    data = prepare(DataConfig(specs, seq_len=seq_len, mask=mask, per_device_batch=8, num_epochs=1,
+    data = prepare(DataConfig(datasets=specs, seq_len=seq_len, mask=mask, per_device_batch=8, num_epochs=1,
                               over_long="truncate"), tokenizer)  # a long few-shot prompt loses its first shots
     return evaluate.one_pass(data, limit)
 

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sftjax.config import BuiltinSection, DatasetSection, TrainConfig, check
+from sftjax.config import BuiltinSection, TrainConfig, check
+from sftjax.data.pipeline import DatasetSpec
 from sftjax.data.builtin.preference import build_preference_tasks
 from sftjax.data.builtin.tasks import TASK_NAMES, TaskFiles
 from sftjax.job import report as report_lib
@@ -65,12 +66,12 @@ def check_tasks(b: BuiltinSection) -> None:
               getattr(b.prompt_noise, name), "must be in [0, 1)")
 
 
-def task_datasets(b: BuiltinSection, tasks: dict[str, TaskFiles]) -> list[DatasetSection]:
+def task_datasets(b: BuiltinSection, tasks: dict[str, TaskFiles]) -> list[DatasetSpec]:
     """data.train for the built-in tasks. Mixture weights: proportional to size, times builtin.upsample.<task>
     (left out when every factor is 1: the same draws)."""
     factors = {n: getattr(b.upsample, n) for n in tasks}
     same = len(set(factors.values())) == 1
-    return [DatasetSection(path=str(t.train_path), name=n, weight=None if same else t.n_train * factors[n],
+    return [DatasetSpec(path=str(t.train_path), name=n, weight=None if same else t.n_train * factors[n],
                            prompt_noise=getattr(b.prompt_noise, n), head=n in b.heads) for n, t in tasks.items()]
 
 
@@ -130,7 +131,7 @@ def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[st
         if pairs:
             files = pair_tasks(built)
         cfg.data = dataclasses.replace(cfg.data, train=task_datasets(cfg.builtin, files),
-                                       eval=[DatasetSection(path=str(t.valid_path), name=n)
+                                       eval=[DatasetSpec(path=str(t.valid_path), name=n)
                                              for n, t in files.items()], eval_fraction=0.0)
     if resolved is not None:  # the config.json of the run names what was actually used
         resolved = {**resolved, "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),

@@ -25,7 +25,6 @@ i.e. U(-1/sqrt(in), 1/sqrt(in)) (init "kaiming"), or N(0, 1/r) (init "gaussian")
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from typing import Any
@@ -39,25 +38,9 @@ from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import Params, param_shapes
 from sftjax.peft import quant
 from sftjax.peft.adapted import AdaptedLinear
+from sftjax.peft.spec import ALL_LINEAR, INITS, TRAINABLE_MODULES, LoraSpec  # noqa: F401 (re-exported; JAX-free)
 
 Module = tuple[str, ...]  # a Dense module's path in the param tree, e.g. ("layers", "self_attn", "q_proj")
-TRAINABLE_MODULES = ("embed_tokens", "lm_head", "norm")  # modules that can be trained fully beside the adapters
-INITS = ("kaiming", "gaussian")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    rank: int = 16  # R
-    alpha: float = 32.0
-    dropout: float = 0.0  # on the adapter's input, training only
-    target_modules: tuple[str, ...] | str = "all-linear"  # names (suffixes), one regex, or "all-linear"
-    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
-    init: str = "kaiming"  # kaiming | gaussian (A); B is always 0
-    trainable_modules: tuple[str, ...] = ()  # fully trained besides the adapters: embed_tokens, lm_head, norm
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 def model_config(cfg: ModelConfig, spec: LoraSpec | None = None) -> ModelConfig:
@@ -90,7 +73,7 @@ def _matches(name: str, targets: tuple[str, ...] | str) -> bool:
 def select_targets(cfg: ModelConfig, target_modules: tuple[str, ...] | list[str] | str) -> list[Module]:
     """The modules that get adapters; ConfigError (one line) if none match or a match is not in every layer."""
     modules = linear_modules(cfg)
-    if target_modules == "all-linear":
+    if target_modules == ALL_LINEAR:
         return modules
     if isinstance(target_modules, str):
         try:
@@ -149,17 +132,8 @@ def _pop(tree: Params, path: Module) -> Params:
 
 def check_spec(cfg: ModelConfig, spec: LoraSpec) -> list[Module]:
     """Validate the spec against the model; return the targeted modules."""
-    if not isinstance(spec.rank, int) or spec.rank <= 0:
-        raise ConfigError(f"method.lora.rank={spec.rank!r}: must be a positive integer")
-    if spec.alpha <= 0:
-        raise ConfigError(f"method.lora.alpha={spec.alpha!r}: must be > 0")
-    if not 0.0 <= spec.dropout < 1.0:
-        raise ConfigError(f"method.lora.dropout={spec.dropout!r}: must be in [0, 1)")
-    if spec.init not in INITS:
-        raise ConfigError(f"method.lora.init={spec.init!r}: must be one of {', '.join(INITS)}")
+    spec.check()
     for name in spec.trainable_modules:
-        if name not in TRAINABLE_MODULES:
-            raise ConfigError(f"method.lora.trainable_modules: {name!r} is not one of {', '.join(TRAINABLE_MODULES)}")
         if name == "lm_head" and cfg.tie_word_embeddings:
             raise ConfigError("method.lora.trainable_modules: lm_head is tied to embed_tokens in this model; "
                               "train embed_tokens instead")

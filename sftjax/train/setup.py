@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from omegaconf import OmegaConf
 
-from sftjax.config import DatasetSection, TrainConfig
+from sftjax.config import TrainConfig
 from sftjax.data.pipeline import DataConfig, DatasetSpec, Prepared, prepare
 from sftjax.data.tokenizer import Tokenizer, load_tokenizer
 from sftjax.errors import CheckpointError, ConfigError
@@ -57,13 +57,6 @@ class Model:
     memory: dict[str, float]  # quant.memory_report of the base (bytes per storage format, bits per parameter)
 
 
-def lora_spec(cfg: TrainConfig) -> lora_lib.LoraSpec:
-    lo = cfg.method.lora
-    targets = lo.target_modules if isinstance(lo.target_modules, str) else tuple(lo.target_modules)
-    return lora_lib.LoraSpec(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets,
-                             rslora=lo.rslora, init=lo.init, trainable_modules=tuple(lo.trainable_modules))
-
-
 def build_model(cfg: TrainConfig) -> Model:
     """Load the base weights in param_dtype, apply the run's execution policy and split them per method.name."""
     m, method = cfg.model, cfg.method
@@ -73,7 +66,7 @@ def build_model(cfg: TrainConfig) -> Model:
     memory = quant.memory_report(params)
     if method.name == "full":
         return Model(model_cfg, {}, params, base_fingerprint, None, memory)
-    spec = lora_spec(cfg)
+    spec = method.lora
     adapters = lora_lib.init_adapters(model_cfg, spec, jax.random.fold_in(jax.random.key(cfg.trainer.seed), 1))
     frozen, trainable = lora_lib.split(params, spec, adapters)
     if method.name == "qlora":
@@ -118,20 +111,16 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else dict(value)
 
 
-def _data_config(cfg: TrainConfig, datasets: list[DatasetSection], per_device_batch: int,
+def _data_config(cfg: TrainConfig, datasets: list[DatasetSpec], per_device_batch: int,
                  num_epochs: int | None, labels: tuple[tuple[str, ...] | None, ...] = ()) -> DataConfig:
     """labels: per dataset, the classes of its head or None; given (eval datasets: the training split's classes),
-    they decide head and labels instead of the sections' own. objective=heads with no dataset declaring a head
+    they decide head and labels instead of the entries' own. objective=heads with no dataset declaring a head
     gives every dataset one (`sftjax-train objective=heads data=reviews.jsonl`)."""
-    d = cfg.data
     every = cfg.objective.get("name") == "heads" and not any(s.head for s in cfg.data.train)
     heads = labels or [tuple(s.labels) if s.head or every else None for s in datasets]
-    specs = [DatasetSpec(s.path, s.weight, s.format, s.name, s.as_chat, head=c is not None, labels=c or ())
-             for s, c in zip(datasets, heads)]
-    return DataConfig(datasets=specs, seq_len=d.seq_len, mask=d.mask, mask_rule=d.mask_rule, append_eos=d.append_eos,
-                      over_long=d.over_long, packing=d.packing, pack_window=d.pack_window,
-                      per_device_batch=per_device_batch, seed=d.seed, num_epochs=num_epochs,
-                      chat_template=d.chat_template, template_kwargs=_plain(d.template_kwargs))
+    specs = [dataclasses.replace(s, head=c is not None, labels=c or ()) for s, c in zip(datasets, heads)]
+    return DataConfig.from_options(cfg.data, datasets=specs, per_device_batch=per_device_batch, num_epochs=num_epochs,
+                                   template_kwargs=_plain(cfg.data.template_kwargs))
 
 
 def split_holdout(prepared: Prepared, fraction: float, seed: int) -> tuple[Prepared, Prepared]:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from sftjax.data.errors import DataError
+from sftjax.errors import ConfigError
 from sftjax.data.mixture import draws_per_epoch, epoch_order
-from sftjax.data.pipeline import DataConfig, DataIterator, DatasetSpec, prepare
+from sftjax.data.pipeline import DataConfig, DataIterator, DataOptions, DatasetSpec, prepare
 from sftjax.data.tokenizer import load_tokenizer
 
 from .test_formats import write_jsonl
@@ -85,6 +86,33 @@ def test_resume_refuses_other_data(chatml_dir, two_datasets):
         DataIterator(prepare(config(two_datasets, seq_len=32), tok), state=state)
     with pytest.raises(DataError, match="seed or fingerprint differ"):
         DataIterator(prepare(config(two_datasets, seed=1), tok), state=state)
+
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(packing="bad"), r"^data.packing='bad': must be one of bfd, greedy, none$"),
+    (dict(mask="assistant"), r"^data.mask='assistant': must be one of completion, last_turn, all$"),
+    (dict(mask_rule="guess"), r"^data.mask_rule='guess': must be one of auto, tags, per_turn, search$"),
+    (dict(over_long="trunc"), r"^data.over_long='trunc': must be one of truncate, drop, error$"),
+    (dict(seq_len=1), r"^data.seq_len=1: must be >= 2"),
+    (dict(weights=[1.0, None]), r"^data.datasets\[\*\].weight: give a weight for every dataset or for none$"),
+    (dict(weights=[1.0, -1.0]), r"^data.datasets\[1\].weight=-1.0: must be >= 0"),
+])
+def test_impossible_settings_fail_before_reading(kw, message):
+    with pytest.raises(ConfigError, match=message):  # the files do not exist: nothing was read
+        prepare(config(["missing.jsonl", "missing2.jsonl"], **kw), tokenizer=None)
+    with pytest.raises(ConfigError, match=r"^data.datasets\[0\].format='csv': must be auto or one of chat, "):
+        prepare(DataConfig(datasets=[DatasetSpec("missing.jsonl", format="csv")]), tokenizer=None)
+    with pytest.raises(ConfigError, match=r"^data.datasets: no dataset given$"):
+        prepare(DataConfig(), tokenizer=None)
+
+
+def test_data_config_takes_the_options_of_a_run_config_section():
+    options = DataOptions(seq_len=128, packing="greedy", template_kwargs={"enable_thinking": False}, seed=3)
+    cfg = DataConfig.from_options(options, datasets=[DatasetSpec("a.jsonl", labels=["x", "y"])], num_epochs=None)
+    assert (cfg.seq_len, cfg.packing, cfg.template_kwargs, cfg.seed, cfg.num_epochs) == \
+        (128, "greedy", {"enable_thinking": False}, 3, None)
+    assert cfg.datasets[0].labels == ("x", "y") and DataConfig().seq_len == DataOptions().seq_len == 512
 
 
 def test_multi_host_slices_make_up_the_global_batch(chatml_dir, two_datasets):

@@ -353,11 +353,11 @@ def test_identical_pairs_are_dropped(chatml_dir, tmp_path):
     records = [{"prompt": "p", "chosen": " x", "rejected": " x"}, {"prompt": "p", "chosen": " a", "rejected": " b"},
                {"chosen": "same text", "rejected": "same text"}]
     path = str(write_jsonl(tmp_path / "d.jsonl", records))
-    st_ = prepare(DataConfig([DatasetSpec(path)], seq_len=64), tok).stats[0]
+    st_ = prepare(DataConfig(datasets=[DatasetSpec(path)], seq_len=64), tok).stats[0]
     assert (st_.records, st_.kept, st_.dropped_identical, st_.dropped_too_long) == (3, 1, 2, 0)
     only = str(write_jsonl(tmp_path / "i.jsonl", [records[0], records[2]]))
     with pytest.raises(DataError, match=rf"^{only}: no pair kept \(2 records: 2 with chosen = rejected, 0 over"):
-        prepare(DataConfig([DatasetSpec(only)], seq_len=64), tok)
+        prepare(DataConfig(datasets=[DatasetSpec(only)], seq_len=64), tok)
 
 
 # ------------------------------------------------------------------------------------------------- truncation
@@ -441,7 +441,7 @@ def test_pipeline_over_long_policies(template_dir, tmp_path):
                {"prompt": "hi", "chosen": long, "rejected": long + " x"},  # 3: both ends cut to the same: dropped
                {"prompt": "hi", "chosen": " fox", "rejected": " dog"}]  # 4: fits
     path = str(write_jsonl(tmp_path / "d.jsonl", records))
-    config = lambda **kw: DataConfig([DatasetSpec(path)], seq_len=48, template_kwargs=KW, **kw)  # noqa: E731
+    config = lambda **kw: DataConfig(datasets=[DatasetSpec(path)], seq_len=48, template_kwargs=KW, **kw)  # noqa: E731
     prepared = prepare(config(), tok)
     st_ = prepared.stats[0]
     assert (st_.records, st_.kept, st_.truncated, st_.dropped_too_long) == (4, 3, 2, 1)
@@ -461,8 +461,9 @@ def test_pipeline_over_long_policies(template_dir, tmp_path):
     tiny = 2 * (1 + (tok.bos_id is not None)) + 1
     with pytest.raises(DataError, match=rf"^{path}: no pair kept \(4 records: 0 with chosen = rejected, 4 over "
                                         rf"seq_len={tiny}: prompt \+ chosen and prompt \+ rejected must fit one row"):
-        prepare(DataConfig([DatasetSpec(path)], seq_len=tiny), tok)
-    assert prepare(DataConfig([DatasetSpec(path)], seq_len=tiny + 1), tok).stats[0].kept == 3  # 3: cut to the same
+        prepare(DataConfig(datasets=[DatasetSpec(path)], seq_len=tiny), tok)
+    kept = prepare(DataConfig(datasets=[DatasetSpec(path)], seq_len=tiny + 1), tok).stats[0].kept
+    assert kept == 3  # 3: cut to the same
 
 
 def test_unknown_over_long_policy_is_refused():
@@ -604,7 +605,7 @@ def test_pairs_and_sft_data_do_not_mix(chatml_dir, tmp_path):
     for first, second, kind in ((pairs, sft, "not preference pairs"), (sft, pairs, "preference pairs")):
         with pytest.raises(DataError, match=rf"^{second}: {kind}, unlike {first}: the datasets of a run are all "
                                             "preference pairs") as info:
-            prepare(DataConfig([DatasetSpec(first), DatasetSpec(second)], seq_len=32), tok)
+            prepare(DataConfig(datasets=[DatasetSpec(first), DatasetSpec(second)], seq_len=32), tok)
         assert "\n" not in str(info.value)
 
 
@@ -614,7 +615,7 @@ def test_iterator_yields_every_pair_whole(chatml_dir, tmp_path):
             for i in range(19)]
     chat = [{"prompt": [user(f"{i}")], "chosen": WORDS[i % 13], "rejected": WORDS[(i + 1) % 13]} for i in range(7)]
     paths = [str(write_jsonl(tmp_path / "t.jsonl", text)), str(write_jsonl(tmp_path / "c.jsonl", chat))]
-    config = DataConfig([DatasetSpec(p) for p in paths], seq_len=64, per_device_batch=2, pack_window=8)
+    config = DataConfig(datasets=[DatasetSpec(p) for p in paths], seq_len=64, per_device_batch=2, pack_window=8)
     prepared = prepare(config, tok)
     assert prepared.pairs and [s.kept for s in prepared.stats] == [19, 7]
     batches = list(DataIterator(prepared, devices=2))
@@ -641,7 +642,7 @@ def test_iterator_yields_every_pair_whole(chatml_dir, tmp_path):
 def test_fingerprint_marks_pair_data(chatml_dir, tmp_path):
     tok = load_tokenizer(chatml_dir)
     path = str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": " a", "rejected": " b"}]))
-    prepared = prepare(DataConfig([DatasetSpec(path)], seq_len=32), tok)
+    prepared = prepare(DataConfig(datasets=[DatasetSpec(path)], seq_len=32), tok)
     assert fingerprint(prepared) != fingerprint(dataclasses.replace(prepared, pairs=False))
     with pytest.raises(DataError, match="fingerprint differ"):
         DataIterator(dataclasses.replace(prepared, pairs=False), state=DataIterator(prepared).state())

@@ -41,7 +41,7 @@ def _reference_loss(model_dir, path, max_examples):
     """Mean NLL and accuracy over the trained tokens, one unpacked example at a time through sftjax.forward."""
     cfg, params = sftjax.load_pretrained(model_dir)
     tok = load_tokenizer(model_dir)
-    examples = prepare(DataConfig([DatasetSpec(str(path))], seq_len=SEQ_LEN), tok).datasets[0][:max_examples]
+    examples = prepare(DataConfig(datasets=[DatasetSpec(str(path))], seq_len=SEQ_LEN), tok).datasets[0][:max_examples]
     # Right-padded to one length (causal attention: padding after a token does not change its logits).
     tokens = np.zeros((len(examples), max(len(ex.tokens) for ex in examples)), np.int32)
     weight = np.zeros(tokens.shape, np.float64)

@@ -181,7 +181,7 @@ def test_export_errors_are_one_line(runs, tmp_path, capsys, argv, message):
     ("method.lora.target_modules=[c_attn]", "matches no module; available: down_proj, gate_proj, up_proj"),
     ("method.lora.rank=0", "method.lora.rank=0: must be a positive integer"),
     ("method.lora.rank=40", "method.lora.rank=40: larger than layers/self_attn/k_proj allows"),
-    ("method.quant.kind=fp4", "method.quant.kind='fp4': must be nf4 or int4"),
+    ("method.quant.kind=fp4", "method.quant.kind='fp4': must be one of nf4, int4"),
     ("method.name=dora", "method.name='dora': must be one of full, lora, qlora"),
 ])
 def test_bad_lora_config_fails_at_start_with_one_line(workspace, tmp_path, override, message):

@@ -119,7 +119,7 @@ def test_leaf_spec_splits_the_largest_axis_never_the_layer_axis():
 
 
 BAD = [
-    ("trainer.parallelism=zero3", "trainer.parallelism='zero3': must be data or fsdp"),
+    ("trainer.parallelism=zero3", "trainer.parallelism='zero3': must be one of data, fsdp"),
     ("trainer.parallelism=fsdp trainer.fsdp=3", "trainer.fsdp=3: fsdp x tensor = 3 x 1 must divide the 4 devices"),
     ("trainer.parallelism=fsdp trainer.tensor=4", "trainer.tensor=4: must divide the model's num_kv_heads=2"),
     ("trainer.parallelism=fsdp trainer.tensor=3", "trainer.tensor=3: must divide the 4 devices"),

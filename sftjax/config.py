@@ -73,7 +73,6 @@ class DataSection(DataOptions, DataSplits):
     keep the order of conf/data/default.yaml."""
 
 
-
 @dataclasses.dataclass
 class OptimSection:
     name: str = "adamw"  # adamw | adafactor | sgd
@@ -122,50 +121,21 @@ class TrainerSection:
 
 
 @dataclasses.dataclass
-class PerTask:
-    """One value per built-in task (sftjax.data.builtin.tasks), e.g. builtin.upsample.add=2."""
-
-    module: float = 0.0
-    first_param: float = 0.0
-    add: float = 0.0
-
-
-@dataclasses.dataclass
-class BuiltinSection:
-    cache_dir: str = "${oc.env:SFTJAX_CACHE,'~/.cache/sftjax'}"  # built corpus, tokenizer and pre-trained base
-    vocab_size: int = 4096  # BPE vocabulary trained on the corpus (4k: every spaced digit is one token)
-    base_layers: int = 4  # decoder layers of the base (width 128); fewer: a smaller base, e.g. a distilled student
-    pretrain_steps: int = 500  # optimizer steps of the base's pre-training
-    pretrain_batch: int = 32  # rows of pretrain_seq_len tokens per step
-    pretrain_seq_len: int = 128  # tokens per pre-training row (the task examples are shorter)
-    pretrain_lr: float = 5e-3  # peak learning rate of pre-training (warmup + cosine)
-    train_examples: int = 8000  # train examples per task, at most (Python 3.11: module has 1050, first_param 5383)
-    eval_examples: int = 100  # test (or valid) examples per task scored by generation in the report (at most)
-    report_split: str = "test"  # the split the report scores: test | valid (choose settings on valid, not test)
-    few_shot: int = 3  # solved examples in front of each prompt for the few-shot baseline
-    max_new_tokens: int = 8  # generation length when scoring answers
-    tasks: list[str] = field(default_factory=lambda: ["module", "first_param", "add"])  # trained and evaluated
-    heads: list[str] = field(default_factory=list)  # tasks answered by a classification head (objective=heads)
-    upsample: PerTask = field(default_factory=lambda: PerTask(1.0, 1.0, 1.0))  # draws per example, relative
-    prompt_noise: PerTask = field(default_factory=lambda: PerTask(0.0, 0.0, 0.0))  # data.train[].prompt_noise
-
-
-@dataclasses.dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     method: MethodSection = field(default_factory=MethodSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
-    builtin: BuiltinSection = field(default_factory=BuiltinSection)  # the main job: model=builtin, no data.train
     # objective/: the training objective and its settings (sftjax/objectives/<name>.py, conf/objective/<name>.yaml);
     # each objective checks its own keys (objectives.base.settings)
     objective: dict[str, Any] = field(default_factory=lambda: {"name": "sft"})
 
 
-def register() -> None:
-    """Register the schema with Hydra's ConfigStore (conf/config.yaml lists `train_schema` first)."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+def register(schema: type = TrainConfig) -> None:
+    """Register the schema with Hydra's ConfigStore (conf/config.yaml lists `train_schema` first). The console
+    scripts register the main job's `sftjax.job.config.JobConfig`, this schema plus its `builtin` section."""
+    ConfigStore.instance().store(name="train_schema", node=schema)
 
 
 def check(ok: bool, key: str, value: Any, why: str) -> None:

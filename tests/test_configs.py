@@ -1,9 +1,8 @@
 """Every config file in conf/ composes onto the TrainConfig schema, every documented key has its comment, the
 YAML defaults repeat the schema's, and impossible values fail validation in one line naming the key."""
 
-from pathlib import Path
-
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,6 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 from sftjax.config import DataSection, MethodSection, TrainConfig, register, validate
 from sftjax.errors import ConfigError
+from sftjax.job.config import JobConfig
 
 CONF = Path(__file__).parents[1] / "conf"
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
@@ -21,7 +21,7 @@ REQUIRED = {("objective", "distill"): ["objective.teacher=path/to/teacher"]}
 
 @pytest.mark.parametrize("group,option", OPTIONS)
 def test_every_option_composes_and_validates(group, option):
-    register()
+    register(JobConfig)
     with initialize_config_module("sftjax.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"{group}={option}", "trainer.run_dir=.", "data.train=[{path:x.jsonl}]",
                                            "model.path=tiny-llama", "data.eval_fraction=0.1",
@@ -47,7 +47,7 @@ def test_every_key_is_commented():
 
 
 def test_distill_without_a_teacher_fails_validation_in_one_line():
-    register()
+    register(JobConfig)
     with initialize_config_module("sftjax.conf", version_base="1.3"):
         cfg = compose("config", overrides=["objective=distill", "trainer.run_dir=.", "data.train=[{path:x.jsonl}]"])
     with pytest.raises(ConfigError, match=r"^objective.teacher: not set"):
@@ -77,9 +77,22 @@ def test_yaml_defaults_repeat_the_schema():
     ("optim.schedule=step", r"^optim.schedule='step': must be one of cosine, linear, constant$"),
 ])
 def test_impossible_values_fail_validation_in_one_line(override, message):
-    register()
+    register(JobConfig)
     with initialize_config_module("sftjax.conf", version_base="1.3"):
         cfg = compose("config", overrides=["trainer.run_dir=.", "data.train=[{path:x.jsonl}]", "method=qlora",
                                            override])
     with pytest.raises(ConfigError, match=message):
         validate(OmegaConf.to_object(cfg), device_count=4)
+
+
+def test_the_library_schema_knows_nothing_of_the_main_job():
+    """`builtin.*` belongs to the main job: sftjax-train's schema (JobConfig) adds it to the library's TrainConfig."""
+    assert "builtin" not in {f.name for f in dataclasses.fields(TrainConfig)}
+    assert issubclass(JobConfig, TrainConfig) and "builtin" in {f.name for f in dataclasses.fields(JobConfig)}
+    register(TrainConfig)
+    try:
+        with initialize_config_module("sftjax.conf", version_base="1.3"):
+            with pytest.raises(Exception, match="builtin"):
+                compose("config", overrides=["trainer.run_dir=.", "experiment=main"])
+    finally:
+        register(JobConfig)

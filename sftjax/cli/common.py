@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sftjax.config import TrainConfig, register
+from sftjax.job.config import JobConfig
 from sftjax.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -56,7 +57,7 @@ def compose_config(overrides: list[str]) -> TrainConfig:
     """The TrainConfig that `sftjax-train <overrides>` would run with (outside a Hydra run: no run directory)."""
     from hydra import compose, initialize_config_module
 
-    register()
+    register(JobConfig)
     with initialize_config_module("sftjax.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*expand_shorthands(overrides), "trainer.run_dir=."])
     return OmegaConf.to_object(cfg)
@@ -78,7 +79,7 @@ def run_config(run_dir: str | Path, overrides: list[str]) -> TrainConfig:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), saved)
     for override in overrides:
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))

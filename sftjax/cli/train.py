@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sftjax.cli.common import expand_shorthands, fail, one_line, version_line
 from sftjax.cli.malloc import use_huge_pages
 from sftjax.config import register
+from sftjax.job.config import JobConfig
 from sftjax.errors import UserError
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     if sys.argv[1:] == ["--version"]:
         print(version_line("sftjax-train"))
         return
-    register()
+    register(JobConfig)
     sys.argv = [sys.argv[0], *main_job_defaults(expand_shorthands(sys.argv[1:]))]
     # Let configuration errors reach us instead of Hydra's multi-line report; bugs keep their traceback.
     os.environ["HYDRA_FULL_ERROR"] = "1"

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import jax
 
-from sftjax.config import BuiltinSection, TrainConfig
+from sftjax.config import TrainConfig
 from sftjax.data.pipeline import DatasetSpec
+from sftjax.job.config import BuiltinSection, JobConfig
 from sftjax.data.builtin import corpus as corpus_lib
 from sftjax.data.builtin import tasks as tasks_lib
 from sftjax.data.tokenizer import train_bpe_tokenizer
@@ -108,7 +109,7 @@ def base_key(parts: list) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
-def ensure_builtin(template: TrainConfig) -> Builtin:
+def ensure_builtin(template: JobConfig) -> Builtin:
     """Build (or reuse) the corpus, the tasks, the tokenizer and the pre-trained base under builtin.cache_dir."""
     from sftjax.train.loop import run_training  # the loop imports the model stack: only when needed
 

@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sftjax.config import BuiltinSection, TrainConfig, check
+from sftjax.config import TrainConfig, check
 from sftjax.data.pipeline import DatasetSpec
+from sftjax.job.config import BuiltinSection, JobConfig
 from sftjax.data.builtin.preference import build_preference_tasks
 from sftjax.data.builtin.tasks import TASK_NAMES, TaskFiles
 from sftjax.job import report as report_lib
@@ -89,7 +90,7 @@ def pair_tasks(built: Builtin) -> dict[str, TaskFiles]:
             for n, t in built.tasks.items()}
 
 
-def baseline_cache(cfg: TrainConfig, built: Builtin) -> Path:
+def baseline_cache(cfg: JobConfig, built: Builtin) -> Path:
     """Where the built-in base's scores for these evaluation settings are kept (the base as this method holds it:
     quantized under qlora), so that every run of a sweep scores the same base once."""
     b, q = cfg.builtin, cfg.method.quant
@@ -102,7 +103,7 @@ def baseline_cache(cfg: TrainConfig, built: Builtin) -> Path:
     return built.root / "baselines" / f"{key}.json"
 
 
-def run_job(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> dict[str, float]:
+def run_job(cfg: JobConfig, resolved: dict[str, Any] | None = None) -> dict[str, float]:
     """Run training with the built-in base and / or tasks filled in; report when the tasks are the built-in ones."""
     start = time.perf_counter()
     tasks = not cfg.data.train

@@ -118,7 +118,7 @@ def test_the_base_cache_key_follows_the_settings_the_code_and_jax(monkeypatch):
     is never reused: each changes the directory name."""
     import dataclasses
 
-    from sftjax.config import BuiltinSection
+    from sftjax.job.config import BuiltinSection
     from sftjax.job import base
 
     settings = BuiltinSection()

@@ -6,12 +6,13 @@ from omegaconf import OmegaConf
 
 from sftjax.config import TrainConfig, register
 from sftjax.errors import ConfigError
+from sftjax.job.config import JobConfig
 from sftjax.peft import lora
 from sftjax.peft.spec import LoraSpec
 
 
 def _method(*overrides: str):
-    register()
+    register(JobConfig)
     with initialize_config_module("sftjax.conf", version_base="1.3"):
         cfg = compose("config", overrides=["trainer.run_dir=.", *overrides])
     return OmegaConf.to_object(cfg).method

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from sftjax.config import TrainConfig, register
+from sftjax.job.config import JobConfig
 from sftjax.train.distributed import DEFAULT_PORT, Cluster, resolve
 
 needs_plugin = pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
@@ -25,7 +26,7 @@ LAYOUT = ["hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=4", "hydra.la
 
 
 def _compose(*overrides: str):
-    register()
+    register(JobConfig)
     with initialize_config_module("sftjax.conf", version_base="1.3"):
         return compose("config", overrides=[*REQUIRED, *overrides], return_hydra_config=True)
 

@@ -1,9 +1,10 @@
 """The run configuration: Hydra structured configs (dataclasses) and the checks Hydra cannot express.
 
 Hydra composes conf/config.yaml and its groups (model/ method/ data/ optim/ trainer/ experiment/) onto the
-`TrainConfig` schema registered here, so a wrong type or an unknown key fails at composition. `validate` then
-rejects impossible values (lr <= 0, a batch that does not split over the devices, ...) with one line naming the
-key. Every field has a one-line comment; the YAML files repeat them where users read them.
+`TrainConfig` schema (the console scripts register `sftjax.job.config.JobConfig`, which adds the main job's
+`builtin.*`), so a wrong type or an unknown key fails at composition. `validate` then rejects impossible
+values (lr <= 0, a batch that does not split over the devices, ...) with one line naming the key. Every field
+has a one-line comment; the YAML files repeat them where users read them.
 
 The LoRA and data settings are the library's own dataclasses (`LoraSpec`, `DatasetSpec`, `DataOptions`), which
 check themselves; each list of allowed values is defined once, in the module that owns the concept. Importing this

@@ -1,14 +1,16 @@
 """Digests of the compiled train step, to show that a refactor changed no program (so no speed and no value).
 
     python experiments/bench/program_digest.py                  # full, lora, qlora on tiny-llama and bench-llama
-    git stash; python experiments/bench/program_digest.py; git stash pop; python experiments/bench/program_digest.py
+
+Before and after a change: run it in a `git worktree` of the earlier commit (with PYTHONPATH set to that tree and
+this script copied in, if the earlier commit lacks it or its helpers differ), then here, and compare the tables.
 
 For each model and method, the trainer's own step (`jax_side.Runner`, the pmap step, float32) is compiled for one
 batch of 4 x 64 tokens; its optimized HLO, with the source-location tables and metadata stripped (they name
 Python files, lines and functions, which a move between modules changes), is hashed with SHA-256. Two commits that
 print the same digest run the same XLA program: an A/B of their speed would measure noise. The first two losses
-and the max |logit| difference of a forward pass with adapter dropout on (rng fixed) are printed too, so a change
-of values shows even where the program text legitimately changes.
+and a SHA-256 checksum of the logits of a forward pass with adapter dropout on (rng fixed, adapters' B random)
+are printed too, so a change of values shows even where the program text legitimately changes.
 """
 
 from __future__ import annotations

@@ -79,6 +79,8 @@ class DatasetSpec:
 
     def check(self, key: str) -> None:
         """ConfigError, one line naming `key`.<field> (e.g. data.train[0].format), on an impossible value."""
+        if self.path in ("", "???"):
+            raise ConfigError(f"{key}.path: not set (a local .jsonl or .json file)")
         if self.format != "auto" and self.format not in FORMATS:
             raise ConfigError(f"{key}.format={self.format!r}: must be auto or one of {', '.join(FORMATS)}")
         if self.weight is not None and not self.weight >= 0:

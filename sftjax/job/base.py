@@ -79,9 +79,9 @@ def _pretrain_config(settings: BuiltinSection, root: Path, model_dir: Path, corp
                                     dtype="float32", param_dtype="float32")
     cfg.method = dataclasses.replace(template.method, name="full")
     cfg.data = dataclasses.replace(template.data, train=[DatasetSpec(path=str(corpus.train_path), format="text",
-                                                                        name="corpus")],
+                                                                     name="corpus")],
                                    eval=[DatasetSpec(path=str(corpus.heldout_path), format="text",
-                                                        name="corpus")],
+                                                     name="corpus")],
                                    eval_fraction=0.0, seq_len=settings.pretrain_seq_len, mask="all",
                                    packing="bfd", chat_template=None)
     cfg.optim = dataclasses.replace(template.optim, name="adamw", lr=settings.pretrain_lr, weight_decay=0.1,

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from sftjax.config import TrainConfig
 from sftjax.data.builtin.tasks import TaskFiles, few_shot_prompt
 from sftjax.data.pipeline import DataConfig, DatasetSpec, Prepared, prepare
 from sftjax.data.tokenizer import Tokenizer
+from sftjax.job.config import JobConfig
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import Params
 from sftjax.train import evaluate
@@ -83,7 +83,7 @@ class Comparison:
     examples: dict[str, int]
 
 
-def compare(cfg: TrainConfig, tasks: dict[str, TaskFiles], corpus_heldout: Path, tokenizer: Tokenizer,
+def compare(cfg: JobConfig, tasks: dict[str, TaskFiles], corpus_heldout: Path, tokenizer: Tokenizer,
             base: tuple[ModelConfig, Params], tuned: tuple[ModelConfig, Params], work: Path,
             baseline_cache: Path | None = None, heads: dict[str, tuple[str, ...]] | None = None) -> Comparison:
     """Score the base and the fine-tuned model. baseline_cache: a JSON file holding the base's scores for exactly

@@ -73,7 +73,7 @@ def task_datasets(b: BuiltinSection, tasks: dict[str, TaskFiles]) -> list[Datase
     factors = {n: getattr(b.upsample, n) for n in tasks}
     same = len(set(factors.values())) == 1
     return [DatasetSpec(path=str(t.train_path), name=n, weight=None if same else t.n_train * factors[n],
-                           prompt_noise=getattr(b.prompt_noise, n), head=n in b.heads) for n, t in tasks.items()]
+                        prompt_noise=getattr(b.prompt_noise, n), head=n in b.heads) for n, t in tasks.items()]
 
 
 def pair_tasks(built: Builtin) -> dict[str, TaskFiles]:

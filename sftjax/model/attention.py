@@ -166,7 +166,7 @@ class Attention(nn.Module):
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         projections = [Dense(N * H, cfg.qkv_bias, cfg, name="q_proj"), Dense(K * H, cfg.qkv_bias, cfg, name="k_proj"),
                        Dense(K * H, cfg.qkv_bias, cfg, name="v_proj")]
-        q, k, v = dense(x, [p.weights(x) for p in projections], cfg)  # one matmul for the three
+        q, k, v = dense(x, [p.weights(x) for p in projections], cfg)  # applied together
         q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         if cfg.qk_norm:
             q = RMSNorm(cfg, name="q_norm")(q)

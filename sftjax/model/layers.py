@@ -59,7 +59,7 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 class LinearPlugin(Protocol):
     """How Dense layers read and apply their weights when the tree holds more than a kernel and a bias: set as
     `ModelConfig.linear` (`sftjax.peft.adapted.AdaptedLinear`: LoRA adapters, a 4-bit frozen base). Hashable, as
-    the config is a jit static argument."""
+    the config is a jit static argument. (The field is typed Any: model/config.py cannot import this module.)"""
 
     stochastic: bool  # training needs the "dropout" rng
 
@@ -100,17 +100,23 @@ class Dense(nn.Module):
         cfg = self.cfg
         if cfg.linear is not None:
             return cfg.linear.weights(self, x)
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         held = sorted(self.variables.get("params", {}))
         if not self.is_initializing() and not {"kernel"} <= set(held) <= {"kernel", "bias"}:
             raise ValueError(f"{'/'.join(self.scope.path)}: holds {held}, not a kernel and bias; a tree with "
-                             "adapters or 4-bit kernels runs under `sftjax.peft.lora.model_config(cfg, spec)`")
-        kernel = self.param("kernel", nn.initializers.normal(INIT_STD), (x.shape[-1], self.features),
-                            param_dtype).astype(dtype)
-        bias = None
+                             "adapters or 4-bit kernels runs under `sftjax.peft.lora.model_config(cfg[, spec])`")
+        return DenseWeights(*self.kernel_and_bias(x))
+
+    def kernel_and_bias(self, x: jax.Array, kernel: bool = True) -> tuple[jax.Array | None, jax.Array | None]:
+        """Declare (at init) and read kernel [in, out] (unless kernel=False) and bias [out] (None without one), in
+        the compute dtype. Runs inside `weights` (a plug-in calls it for the parameters it keeps as they are)."""
+        dtype, param_dtype = jnp.dtype(self.cfg.dtype), jnp.dtype(self.cfg.param_dtype)
+        w = b = None
+        if kernel:
+            w = self.param("kernel", nn.initializers.normal(INIT_STD), (x.shape[-1], self.features),
+                           param_dtype).astype(dtype)
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)
-        return DenseWeights(kernel, bias)
+            b = self.param("bias", nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)
+        return w, b
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
         return dense(x, [self.weights(x)], self.cfg)[0]

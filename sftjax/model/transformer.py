@@ -43,7 +43,7 @@ class MLP(nn.Module):
         cfg = self.cfg
         projections = [Dense(cfg.intermediate_size, cfg.mlp_bias, cfg, name="gate_proj"),
                        Dense(cfg.intermediate_size, cfg.mlp_bias, cfg, name="up_proj")]
-        gate, up = dense(x, [p.weights(x) for p in projections], cfg)  # one matmul for the two
+        gate, up = dense(x, [p.weights(x) for p in projections], cfg)  # applied together
         return Dense(cfg.hidden_size, cfg.mlp_bias, cfg, name="down_proj")(gated_activation(cfg.hidden_act, gate, up))
 
 

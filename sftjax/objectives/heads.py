@@ -33,14 +33,13 @@ import numpy as np
 
 from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
-from sftjax.model.layers import linear
+from sftjax.model.layers import INIT_STD, linear  # a new `score` layer: transformers' initializer_range
 from sftjax.model.transformer import hidden_states, lm_head
 from sftjax.objectives.base import Batch, Context, Objective, Params, flat_positions, per_task, ratio
 from sftjax.objectives.sft import at_trained, lm_metrics, lm_sums, token_nll, with_label_index
 
 NAME = "heads"
 log = logging.getLogger("sftjax")
-INIT_STD = 0.02  # transformers' initializer_range for a new `score` layer
 _MIN_HEAD_SLOTS = 8  # smallest P: the head index is padded to a power of two at least this large
 
 

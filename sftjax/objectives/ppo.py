@@ -27,14 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sftjax.errors import ConfigError
-from sftjax.model.layers import linear
+from sftjax.model.layers import INIT_STD, linear  # a new `score` layer: transformers' initializer_range
 from sftjax.objectives.base import Context, Params, ratio
 from sftjax.objectives.rl import RLObjective, RolloutSettings, gae, gathered, masked_whiten, scattered, token_logps
 
 NAME = "ppo"
 ROLLOUTS = True  # trains on its own samples (train/rollout.py), not on a dataset's completions
 HEAD = "value"
-INIT_STD = 0.02  # as a new `score` layer in transformers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
-from sftjax.model.layers import linear
+from sftjax.model.layers import INIT_STD, linear  # a new `score` layer: transformers' initializer_range
 from sftjax.model.transformer import hidden_states
 from sftjax.objectives.base import Batch, Context, Objective, Params, ratio
 from sftjax.objectives.pairs import (chosen_rejected, pairs_present, per_sequence, task_metrics, task_sums,
@@ -37,7 +37,6 @@ from sftjax.objectives.pairs import (chosen_rejected, pairs_present, per_sequenc
 NAME = "reward"
 PAIRS = True  # trains on preference pairs (the main job then uses the built-in tasks' preference versions)
 HEAD = "reward"  # the head's name under trainable["heads"]
-INIT_STD = 0.02  # transformers' initializer_range for a new `score` layer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sftjax.model.layers import INIT_STD, linear
+from sftjax.model.layers import linear
 from sftjax.peft import quant
 
 
@@ -120,8 +120,12 @@ class AdaptedLinear:
     """The model's linear plug-in for LoRA and QLoRA trees (see the module docstring). Hashable: it is part of
     the static model config that jit keys on."""
 
-    scale: float = 1.0  # the adapters' alpha / r (rsLoRA: alpha / sqrt(r))
+    scale: float | None = None  # the adapters' alpha / r (rsLoRA: alpha / sqrt(r)); None: a tree without adapters
     dropout: float = 0.0  # on the adapters' input, training only
+
+    def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter dropout {self.dropout!r}: must be in [0, 1)")
 
     @property
     def stochastic(self) -> bool:
@@ -131,17 +135,15 @@ class AdaptedLinear:
     def weights(self, module: nn.Module, x: jax.Array) -> AdaptedWeights:
         """Declare (at init) and read the parameters of the Dense `module` for the input x [..., in]. Called from
         inside the module's compact method, so the dropout below is its submodule `lora_dropout`."""
-        cfg = module.cfg
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        kernel = qkernel = bias = lora = lora_x = None
+        dtype = jnp.dtype(module.cfg.dtype)
+        qkernel = lora = lora_x = None
         if module.has_variable("params", "qkernel"):  # frozen 4-bit base (QLoRA)
             qkernel = module.get_variable("params", "qkernel")
-        else:
-            kernel = module.param("kernel", nn.initializers.normal(INIT_STD), (x.shape[-1], module.features),
-                                  param_dtype).astype(dtype)
-        if module.use_bias:
-            bias = module.param("bias", nn.initializers.zeros, (module.features,), param_dtype).astype(dtype)
+        kernel, bias = module.kernel_and_bias(x, kernel=qkernel is None)
         if module.has_variable("params", "lora_a"):
+            if self.scale is None:
+                raise ValueError(f"{'/'.join(module.scope.path)}: holds adapters, but no LoRA spec gave their "
+                                 "scale: run it under `sftjax.peft.lora.model_config(cfg, spec)`")
             lora = (module.get_variable("params", "lora_a").astype(dtype),  # [in, R]
                     module.get_variable("params", "lora_b").astype(dtype))  # [R, out]
             if self.dropout > 0 and module.has_rng("dropout"):

@@ -45,8 +45,12 @@ Module = tuple[str, ...]  # a Dense module's path in the param tree, e.g. ("laye
 
 def model_config(cfg: ModelConfig, spec: LoraSpec | None = None) -> ModelConfig:
     """The model settings under which Dense layers apply their adapters (and 4-bit kernels) with this spec's scale
-    and dropout. spec None: for a tree with 4-bit kernels and no adapters (a quantized base alone)."""
-    return cfg.replace(linear=AdaptedLinear() if spec is None else AdaptedLinear(spec.scale, spec.dropout))
+    and dropout. spec None: for a tree with 4-bit kernels and no adapters (a quantized base alone; adapters in it
+    are refused)."""
+    if spec is None:
+        return cfg.replace(linear=AdaptedLinear())
+    spec.check()
+    return cfg.replace(linear=AdaptedLinear(spec.scale, spec.dropout))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -67,7 +68,8 @@ class EarlyStopping:
         return self.patience > 0 and self.bad_evals >= self.patience
 
 
-def _next_batch(iterator: DataIterator, accum: int, objective: Objective) -> tuple[dict[str, np.ndarray], int]:
+def _next_batch(iterator: Iterator[dict[str, np.ndarray]], accum: int,
+                objective: Objective) -> tuple[dict[str, np.ndarray], int]:
     """[devices, accum, b, T] arrays from `accum` consecutive batches (plus what the objective prepares, e.g. SFT's
     label_index [devices, accum, K]), and their non-padding token count."""
     parts = [next(iterator) for _ in range(accum)]

@@ -49,7 +49,7 @@ class Model:
     `merge_params(frozen, trainable)` is the tree the model runs under `cfg`.
     """
 
-    cfg: ModelConfig  # architecture + runtime policy (+ LoRA scale and dropout)
+    cfg: ModelConfig  # architecture + runtime policy (+ the linear plug-in of LoRA / QLoRA)
     frozen: Params
     trainable: Params
     fingerprint: str  # of the base weights as loaded (before quantization): resumes check it
@@ -66,7 +66,7 @@ def build_model(cfg: TrainConfig) -> Model:
     memory = quant.memory_report(params)
     if method.name == "full":
         return Model(model_cfg, {}, params, base_fingerprint, None, memory)
-    spec = method.lora
+    spec = dataclasses.replace(method.lora)  # a copy: the run config stays the run config
     adapters = lora_lib.init_adapters(model_cfg, spec, jax.random.fold_in(jax.random.key(cfg.trainer.seed), 1))
     frozen, trainable = lora_lib.split(params, spec, adapters)
     if method.name == "qlora":

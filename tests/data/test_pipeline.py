@@ -105,6 +105,8 @@ def test_impossible_settings_fail_before_reading(kw, message):
         prepare(DataConfig(datasets=[DatasetSpec("missing.jsonl", format="csv")]), tokenizer=None)
     with pytest.raises(ConfigError, match=r"^data.datasets: no dataset given$"):
         prepare(DataConfig(), tokenizer=None)
+    with pytest.raises(ConfigError, match=r"^data.datasets\[0\].path: not set"):
+        prepare(DataConfig(datasets=[DatasetSpec()]), tokenizer=None)
 
 
 def test_data_config_takes_the_options_of_a_run_config_section():

@@ -262,6 +262,10 @@ def test_the_plain_model_refuses_adapters_and_4bit_kernels_in_one_line(base):
         with pytest.raises(ValueError, match=rf"self_attn/q_proj: holds \[{held}\], not a kernel.*lora.model_config"):
             forward(CFG, tree, TOKENS)
     forward(lora.model_config(CFG, spec), merge_params(quantized, adapters), TOKENS)  # what it says works
+    with pytest.raises(ValueError, match=r"q_proj: holds adapters, but no LoRA spec gave their scale"):
+        forward(lora.model_config(CFG), merge_params(quantized, adapters), TOKENS)  # the spec-less 4-bit config
+    with pytest.raises(ConfigError, match=r"^method.lora.dropout=1.0: must be in \[0, 1\)$"):
+        lora.model_config(CFG, lora.LoraSpec(dropout=1.0))
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -3,6 +3,8 @@
     python experiments/bench/op_profile.py                  # the bench config, full fine-tuning, 3 traced steps
     python experiments/bench/op_profile.py --mode lora --top 30
     python experiments/bench/op_profile.py --quick          # tiny config (tests/test_bench.py)
+    python experiments/bench/op_profile.py --main-job --mode lora   # the main job's base, LoRA rank 64, 32 x 128
+      (its adapters only, as ab.py's --preset builtin: the main job also trains the embeddings and the norms)
 
 Builds the bench step as bench.py does (`jax_side.Runner`, random weights), runs a few steps to warm up, traces
 --steps more with `jax.profiler.trace` (perfetto JSON), and sums the duration of every XLA op event per step:
@@ -70,10 +72,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="traced steps (after as many warm-up steps)")
     ap.add_argument("--top", type=int, default=15, help="op names listed, longest first")
     ap.add_argument("--quick", action="store_true", help="tiny config (tests)")
+    ap.add_argument("--main-job", action="store_true",
+                    help="the main job's shapes: its base (job/base.py), batch 32 x 128, LoRA rank 64, alpha 128")
     args = ap.parse_args(argv)
     s = bench.SETTINGS["quick" if args.quick else "real"]
     model_cfg = PRESETS[s["preset"]].replace(**s["overrides"])
-    cfg = jax_side.train_config("-", args.mode, bench.LORA["rank"], bench.LORA["alpha"], bench.LORA["lr"])
+    rank, alpha = bench.LORA["rank"], bench.LORA["alpha"]
+    if args.main_job:
+        from sftjax.job.base import base_config
+
+        model_cfg, rank, alpha = base_config(4096).replace(dtype="float32", param_dtype="float32"), 64, 128.0
+        s = {**s, "batch": 32, "seq": 128}
+    cfg = jax_side.train_config("-", args.mode, rank, alpha, bench.LORA["lr"])
     runner = jax_side.Runner(cfg, jax_side.random_model(cfg, model_cfg))
     data = [jax_side.sftjax_batch(*t) for t in
             workers.batches(2 * args.steps, s["batch"], s["seq"], model_cfg.vocab_size, bench.SEED)]

@@ -69,7 +69,7 @@ class DatasetSpec:
     name: str | None = None  # task name in metrics (default: the file stem); the task id is the list index
     as_chat: bool = False  # render prompt/completion and Alpaca records through the chat template
     prompt_noise: float = 0.0  # augmentation: share of prompt tokens replaced at random in every batch drawn
-    # (by the training loop, data/augment.py: `prepare` ignores it)
+    # (by the pipeline's augmentation step after the iterator, data/augment.py; `prepare` ignores it)
     head: bool = False  # a classification head for this task (objective=heads): label from `label` or the completion
     labels: tuple[str, ...] = ()  # the head's classes in order ((): collected from the train split)
 

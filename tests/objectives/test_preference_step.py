@@ -134,5 +134,5 @@ def test_lora_reference_keeps_the_originals_of_modules_trained_beside_the_adapte
     got = objective.reference_logps(objective.reference_params(merge_params(frozen, moved), refs), batch)
     want = objective.sequence_logps(CFG, params, batch)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    policy = objective.sequence_logps(CFG, merge_params(frozen, moved), batch)[0]
+    policy = objective.sequence_logps(lora_lib.model_config(CFG, spec), merge_params(frozen, moved), batch)[0]
     assert np.abs(np.asarray(policy) - np.asarray(want)).max() > 1e-2  # the policy did move

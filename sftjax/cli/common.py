@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sftjax.config import TrainConfig, register
-from sftjax.job.config import JobConfig
 from sftjax.errors import UserError
+from sftjax.job.config import JobConfig
 
 EXIT_USER_ERROR = 2
 _MODEL_OPTIONS = ("tiny-llama", "bench-llama", "llama-3.2-1b", "hf")  # conf/model/*.yaml

@@ -24,8 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 from sftjax.cli.common import expand_shorthands, fail, one_line, version_line
 from sftjax.cli.malloc import use_huge_pages
 from sftjax.config import register
-from sftjax.job.config import JobConfig
 from sftjax.errors import UserError
+from sftjax.job.config import JobConfig
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sftjax.conf", config_name="config")

@@ -25,11 +25,11 @@ from pathlib import Path
 import jax
 
 from sftjax.config import TrainConfig
-from sftjax.data.pipeline import DatasetSpec
-from sftjax.job.config import BuiltinSection, JobConfig
 from sftjax.data.builtin import corpus as corpus_lib
 from sftjax.data.builtin import tasks as tasks_lib
+from sftjax.data.pipeline import DatasetSpec
 from sftjax.data.tokenizer import train_bpe_tokenizer
+from sftjax.job.config import BuiltinSection, JobConfig
 from sftjax.model.config import ModelConfig
 from sftjax.model.hf import save_pretrained
 from sftjax.model.transformer import init_params

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from sftjax.config import TrainConfig, check
-from sftjax.data.pipeline import DatasetSpec
-from sftjax.job.config import BuiltinSection, JobConfig
 from sftjax.data.builtin.preference import build_preference_tasks
 from sftjax.data.builtin.tasks import TASK_NAMES, TaskFiles
+from sftjax.data.pipeline import DatasetSpec
 from sftjax.job import report as report_lib
 from sftjax.job.base import Builtin, ensure_builtin
+from sftjax.job.config import BuiltinSection, JobConfig
 from sftjax.objectives import base as objectives
 from sftjax.peft.lora import count
 from sftjax.peft.quant import tree_bytes

@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 
 from sftjax.data.pipeline import DataOptions, DatasetSpec
 from sftjax.errors import ConfigError
-from sftjax.model.config import DTYPES, REMAT_POLICIES
+from sftjax.model.config import ATTENTION_BLOCK, DTYPES, REMAT_POLICIES
 from sftjax.peft.spec import LoraSpec
 
 METHODS = ("full", "lora", "qlora")  # method.name
@@ -40,6 +40,10 @@ class ModelSection:
     param_dtype: str = "float32"  # storage dtype of the weights (trainable weights stay float32 for AdamW)
     scan_layers: bool = True  # lax.scan over layers: flat compile time as depth grows
     remat: str = "none"  # none | full | dots: recompute activations in the backward pass to save memory
+    # training attention runs its queries in causal blocks of this many rows, each over the keys up to its end:
+    # smaller blocks skip more of the masked half, larger ones make fewer, bigger matmuls (bench shapes: 128; the
+    # built-in base, T = 128 with heads of 32: 32, conf/model/builtin.yaml)
+    attention_block: int = ATTENTION_BLOCK
     dropout: float = 0.0  # dropout on each residual branch during training
     seed: int = 0  # initialisation seed of preset models
 
@@ -111,6 +115,9 @@ class TrainerSection:
     resume: str = "auto"  # auto (continue from run_dir's latest checkpoint) | never
     run_dir: str = "${hydra:runtime.output_dir}"  # checkpoints, metrics.jsonl, tensorboard/, resolved config
     progress: bool = True  # progress bar (only on a terminal)
+    # jax's persistent compilation cache (sftjax-train): a later run of the same programs (a sweep's next job, the
+    # main job again) loads them instead of compiling; "" turns it off (sftjax/train/compile_cache.py)
+    compile_cache: str = "${oc.env:SFTJAX_CACHE,'~/.cache/sftjax'}/xla"
     parallelism: str = "data"  # data: pmap, the whole state on every device | fsdp: jit over a mesh, the state split
     fsdp: int = 0  # parallelism=fsdp: devices each array is split over (0: all / tensor); data = rest of the devices
     tensor: int = 1  # parallelism=fsdp: devices each attention / MLP projection is split over (must divide the heads)
@@ -167,6 +174,7 @@ def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> Non
     check_choice("model.dtype", m.dtype, DTYPES)
     check_choice("model.param_dtype", m.param_dtype, DTYPES)
     check_choice("model.remat", m.remat, REMAT_POLICIES)
+    check(m.attention_block >= 1, "model.attention_block", m.attention_block, "must be >= 1")
     check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     check_choice("method.name", cfg.method.name, METHODS)
     cfg.method.lora.check("method.lora")

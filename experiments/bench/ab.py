@@ -5,8 +5,7 @@
     python experiments/bench/ab.py --mode lora --variants current,autodiff_linear --steps 12
     python experiments/bench/ab.py --mode lora --variants current,unfused_projections --steps 12
     python experiments/bench/ab.py --mode qlora --variants current,pre_seam --steps 12  # the objective seam
-    python experiments/bench/ab.py --mode lora --preset builtin --rank 64 --batch 32 --seq 128 \
-        --variants current,factored_lora                             # the main job's model and LoRA
+    python experiments/bench/ab.py --main-job --variants current,factored_lora --steps 24  # the main job's step
 
 On a shared or noisy machine two runs of the same step can differ by 10-20% (experiments/bench/README.md), more
 than most single optimisations. Alternating the variants' steps on the same batches in one process puts both
@@ -21,7 +20,8 @@ function before its step is traced:
                         `attention.dot_product_attention` (autodiff keeps the float32 probabilities of every layer;
                         still in causal blocks)
     no_causal_blocks    attention over all T x T query-key pairs instead of `attention.causal_attention`'s
-                        blocks of 128 queries that skip the masked upper triangle of blocks
+                        blocks (of `model.attention_block` queries) that skip the masked upper triangle of blocks
+    block_32            causal blocks of 32 queries instead of `model.attention_block` (default 128)
     select_mask         autodiff_attention, masked by a select per layer instead of the additive bias
     lora_scale_output   LoRA / QLoRA: the scale applied to the [..., out] product (PEFT's order) instead of the
                         rank-R intermediate (`adapted.lora_update`); the same as current under full fine-tuning
@@ -42,6 +42,11 @@ function before its step is traced:
                         metrics (the same program up to the metrics it returns)
     select_guard        the finite guard as jnp.where(finite, new, old) over the state instead of
                         `step.apply_sums`'s lax.cond (a select keeps both states among the temporaries)
+
+--main-job builds the main job's step (conf/experiment/main.yaml): the built-in base's architecture (random
+weights), LoRA rank 64 (alpha 128) on every linear with the tied embedding and the norms trained too, batch
+32 x 128, and packed rows as its tasks give them (`main_job_batches`: segments of 8-26 tokens, the last fifth of
+each trained, so the SFT objective computes the logits at ~900 labeled positions of 4096: `sft.label_index`).
 
 Prints per variant: median step seconds and tokens/s over the steps after --warmup, the loss of the first and
 last step (variants compute the same thing: the losses agree to float32 rounding), and XLA's temp buffer size.
@@ -98,6 +103,7 @@ def _pair_lookup_values(q, n):
 
 
 _token_nll = sft.token_nll  # the committed functions, kept before a variant patches them
+_causal_attention = attention.causal_attention
 _lora_update = adapted.lora_update
 
 
@@ -164,14 +170,40 @@ def _pre_seam_train_step(state, frozen, refs, batch, *, objective, optimizer, lr
                        **{k: metrics[k] for k in ("grad_norm", "lr", "finite")}}
 
 
+def main_job_batches(n: int, b: int, T: int, vocab: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """n step batches [1, 1, b, T] shaped like the main job's: rows packed with short examples (8-26 tokens, the
+    last fifth of each, at least 2, trained; positions restart per example; three tasks), the SFT objective's
+    label_index added (`sft.label_index`)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        seq = rng.integers(3, vocab, (b, T + 1)).astype(np.int32)
+        segment, position, mask, task = (np.zeros((b, T), np.int32) for _ in range(4))
+        for row in range(b):
+            start, number = 0, 1
+            while start < T:
+                length = min(int(rng.integers(8, 27)), T - start)
+                end = start + length
+                segment[row, start:end], task[row, start:end] = number, rng.integers(0, 3)
+                position[row, start:end] = np.arange(length)
+                mask[row, end - max(2, length // 5):end] = 1
+                start, number = end, number + 1
+        batch = {"tokens": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": mask.astype(np.float32),
+                 "segment_ids": segment, "positions": position, "task_ids": task}
+        batch = {k: v[None, None] for k, v in batch.items()}
+        out.append(sft.with_label_index(batch))
+    return out
+
+
 # variant -> [(module, attribute, replacement)]
 VARIANTS = {
     "current": [],
     "autodiff_linear": [(layers, "linear", jnp.dot), (transformer, "linear", jnp.dot)],
     "autodiff_glu": [(transformer, "gated_activation", lambda name, gate, up: layers.activation(name, gate) * up)],
     "autodiff_attention": [(attention, "dot_product_attention", _autodiff_attention)],
-    "no_causal_blocks": [(attention, "causal_attention", lambda q, k, v, bias: attention.dot_product_attention(
+    "no_causal_blocks": [(attention, "causal_attention", lambda q, k, v, bias, block: attention.dot_product_attention(
         q, k, v, bias))],
+    "block_32": [(attention, "causal_attention", lambda q, k, v, bias, block: _causal_attention(q, k, v, bias, 32))],
     "select_mask": [(attention, "dot_product_attention", functools.partial(_autodiff_attention, select=True))],
     "lora_scale_output": [(adapted, "lora_update", _lora_scale_output)],
     "saved_dequant": [(adapted, "qlinear", lambda x, q, out: layers.linear(x, adapted.dequantized(q, out, x).T))],
@@ -207,7 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10, help="steps per variant, warm-up included")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--main-job", action="store_true", help="the main job's step (sets --mode, --preset, --rank, "
+                    "--batch, --seq; see above)")
     args = ap.parse_args(argv)
+    if args.main_job:
+        args.mode, args.preset, args.rank, args.batch, args.seq = "lora", "builtin", 64, 32, 128
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -218,11 +254,18 @@ def main(argv: list[str] | None = None) -> None:
     preset = base_config(4096) if args.preset == "builtin" else PRESETS[args.preset]
     model_cfg = dataclasses.replace(preset, dtype="float32", param_dtype="float32")
     cfg = jax_side.train_config("unused", args.mode, args.rank, 2.0 * args.rank, 1e-4)
-    batches = [jax_side.sftjax_batch(*b) for b in workers.batches(3, args.batch, args.seq, model_cfg.vocab_size, 0)]
+    if args.main_job:
+        cfg.method.lora.trainable_modules = ("embed_tokens", "norm")
+        batches = main_job_batches(3, args.batch, args.seq, model_cfg.vocab_size, 0)
+    else:
+        batches = [jax_side.sftjax_batch(*b) for b in workers.batches(3, args.batch, args.seq, model_cfg.vocab_size,
+                                                                      0)]
     runners = {}
     for name in names:
         with patched(name):  # the step is traced and compiled here, with the variant's functions
-            runner = jax_side.Runner(cfg, jax_side.random_model(cfg, model_cfg))
+            model = jax_side.random_model(cfg, model_cfg)
+            objective = sft.SFT(model.cfg, ("module", "first_param", "add")) if args.main_job else None
+            runner = jax_side.Runner(cfg, model, objective)
             runner.compile(batches[0])
         runners[name] = runner
     times = {n: [] for n in names}
@@ -233,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
             losses[name].append(runners[name].step(batches[i % len(batches)]))
             times[name].append(time.perf_counter() - start)
     tokens = args.batch * args.seq
-    print(f"{args.mode} (rank {args.rank}), {args.preset}, batch {args.batch} x {args.seq}; "
+    print(f"{'main job: ' if args.main_job else ''}{args.mode} (rank {args.rank}), {args.preset}, "
+          f"batch {args.batch} x {args.seq}; "
           f"medians of {args.steps - args.warmup} alternating steps after {args.warmup}")
     base = "current" if "current" in names else names[0]
     print(f"| variant | step s | tokens/s | speed vs {base} | loss first / last | XLA temp MiB |")

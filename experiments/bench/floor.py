@@ -29,7 +29,7 @@ import statistics
 import time
 from typing import Any, NamedTuple
 
-from sftjax.model.attention import CAUSAL_BLOCK
+from sftjax.model.config import ATTENTION_BLOCK
 
 NN = (((1,), (0,)), ((), ()))  # [m, k] @ [k, n]
 NT = (((1,), (1,)), ((), ()))  # [m, k] @ [n, k]^T
@@ -78,8 +78,8 @@ def step_dots(m: dict[str, Any], mode: str, batch: int, seq: int, rank: int) -> 
                      Dot(f"{name} lora dx", (M, rank), (n_in, rank), NT, L),
                      Dot(f"{name} lora da", (M, n_in), (M, rank), TN, L)]
     bk = batch * K
-    for start in range(0, T, CAUSAL_BLOCK):  # `causal_attention`: a block of queries over the keys up to its end
-        rows, keys = min(CAUSAL_BLOCK, T - start), min(start + CAUSAL_BLOCK, T)
+    for start in range(0, T, ATTENTION_BLOCK):  # `causal_attention`: a block of queries over the keys up to its end
+        rows, keys = min(ATTENTION_BLOCK, T - start), min(start + ATTENTION_BLOCK, T)
         q, kv, p = (bk, G * rows, H), (bk, keys, H), (bk, G * rows, keys)
         dots += [Dot(f"attention q k^T (forward, and recomputed backward), keys {keys}", q, kv, BNT, 2 * L),
                  Dot(f"attention p v, keys {keys}", p, kv, BNN, L),

@@ -31,10 +31,12 @@ from sftjax.job.config import JobConfig
 @hydra.main(version_base="1.3", config_path="pkg://sftjax.conf", config_name="config")
 def _app(cfg: DictConfig) -> float | None:
     from sftjax.job.run import run_job, uses_builtin  # deferred: JAX starts after Hydra parsed the command line
+    from sftjax.train.compile_cache import use_compile_cache
     from sftjax.train.loop import run_training
 
     try:
         typed = OmegaConf.to_object(cfg)
+        use_compile_cache(typed.trainer.compile_cache)
         run = run_job if uses_builtin(typed) else run_training
         result = run(typed, OmegaConf.to_container(cfg, resolve=True))
     except UserError as e:

@@ -30,7 +30,7 @@ from sftjax.data.builtin import tasks as tasks_lib
 from sftjax.data.pipeline import DatasetSpec
 from sftjax.data.tokenizer import train_bpe_tokenizer
 from sftjax.job.config import BuiltinSection, JobConfig
-from sftjax.model.config import ModelConfig
+from sftjax.model.config import ATTENTION_BLOCK, ModelConfig, to_hf_dict
 from sftjax.model.hf import save_pretrained
 from sftjax.model.transformer import init_params
 
@@ -71,12 +71,29 @@ def _write_done(path: Path, info: dict) -> None:
     tmp.replace(path)
 
 
+def _built_once(directory: Path, key: list, build, load):
+    """build(directory) the first time for `key`; later, load(directory) what it wrote. The key is recorded in
+    directory/built.json, written last (and removed before a build), so an interrupted build is built again."""
+    marker = directory / "built.json"
+    try:
+        if json.loads(marker.read_text()) == {"key": key}:
+            return load(directory)
+    except (OSError, ValueError, KeyError, TypeError):  # no marker, or files missing or unreadable: build
+        pass
+    marker.unlink(missing_ok=True)
+    out = build(directory)
+    _write_done(marker, {"key": key})
+    return out
+
+
 def _pretrain_config(settings: BuiltinSection, root: Path, model_dir: Path, corpus: corpus_lib.CorpusInfo,
                      template: TrainConfig) -> TrainConfig:
-    """A full-fine-tuning run from random init on the corpus text (every token trained)."""
+    """A full-fine-tuning run from random init on the corpus text (every token trained). Its numerics are the
+    base's recipe (BASE_RECIPE), whatever the fine-tuning sets: float32, no dropout, the default attention block
+    (a block changes the rounding, so the base would differ from the one the cache key names)."""
     cfg = dataclasses.replace(template)
     cfg.model = dataclasses.replace(template.model, path=str(model_dir), tokenizer=None, dropout=0.0,
-                                    dtype="float32", param_dtype="float32")
+                                    dtype="float32", param_dtype="float32", attention_block=ATTENTION_BLOCK)
     cfg.method = dataclasses.replace(template.method, name="full")
     cfg.data = dataclasses.replace(template.data, train=[DatasetSpec(path=str(corpus.train_path), format="text",
                                                                      name="corpus")],
@@ -99,7 +116,7 @@ def _pretrain_config(settings: BuiltinSection, root: Path, model_dir: Path, corp
 def base_key_parts(corpus_fingerprint: str, settings: BuiltinSection) -> list:
     """Everything that shapes the cached base (module docstring); written into its done.json."""
     arch = base_config(settings.vocab_size, settings.base_layers)
-    return [corpus_fingerprint, json.dumps(dataclasses.asdict(arch), sort_keys=True, default=str),
+    return [corpus_fingerprint, json.dumps(to_hf_dict(arch), sort_keys=True, default=str),
             settings.vocab_size, settings.pretrain_steps, settings.pretrain_batch, settings.pretrain_seq_len,
             settings.pretrain_lr, BASE_RECIPE, jax.__version__]
 
@@ -119,14 +136,18 @@ def ensure_builtin(template: JobConfig) -> Builtin:
     # Records of at most ~3/4 of a pre-training row (3.3 characters per token of a corpus-trained BPE): little
     # truncation, and best-fit decreasing packs shorter records into the space left, so more of the token slots
     # are trained than with records of a whole row packed greedily (experiments/main_recipe/README.md).
-    corpus = corpus_lib.build_corpus(cache / f"corpus-{version}",
-                                     record_chars=int(0.75 * 3.3 * settings.pretrain_seq_len))
+    record_chars = int(0.75 * 3.3 * settings.pretrain_seq_len)
+    # Corpus and tasks are parsed from the stdlib once (~6 s) and reused while their sources are unchanged.
+    sources = corpus_lib.sources_digest()
+    corpus = _built_once(cache / f"corpus-{version}", [sources, record_chars],
+                         lambda d: corpus_lib.build_corpus(d, record_chars=record_chars), corpus_lib.load_corpus)
     arch = base_config(settings.vocab_size, settings.base_layers)
     key_parts = base_key_parts(corpus.fingerprint, settings)
     root = cache / f"builtin-{version}-{base_key(key_parts)}"
     base_dir, done = root / "base", root / "done.json"
-    tasks = tasks_lib.build_tasks(root / f"tasks-{settings.train_examples}", seed=0,
-                                  heldout_modules=corpus.heldout_modules, n_train=settings.train_examples)
+    tasks = _built_once(root / f"tasks-{settings.train_examples}", [sources, corpus.fingerprint],
+                        lambda d: tasks_lib.build_tasks(d, seed=0, heldout_modules=corpus.heldout_modules,
+                                                        n_train=settings.train_examples), tasks_lib.load_tasks)
     if done.is_file():
         log.info("built-in base: reusing %s (corpus %s, Python %s)", base_dir, corpus.fingerprint[:12],
                  corpus.python_version)

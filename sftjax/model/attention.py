@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sftjax.model.config import ModelConfig
+from sftjax.model.config import ATTENTION_BLOCK, ModelConfig
 from sftjax.model.layers import Dense, RMSNorm, apply_rope, dense, rope_inv_freq
 
 
@@ -129,15 +129,13 @@ def _attention_bwd(residuals, d_out):
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-CAUSAL_BLOCK = 128  # query rows per block of `causal_attention`
-
-
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-                     block: int = CAUSAL_BLOCK) -> jax.Array:
+                     block: int = ATTENTION_BLOCK) -> jax.Array:
     """`dot_product_attention` when queries and keys are the same T positions and the bias is causal (key s masked
     for query t whenever s > t), as in training: the queries in blocks of `block` rows, each over the keys up to
     its last row. The keys a block skips are masked for all its rows (weight exactly 0), so the result is the
-    same up to summation order; with n blocks it does (n + 1) / 2n of the work (3/4 at T = 256).
+    same up to summation order; with n blocks it does (n + 1) / 2n of the work (3/4 at T = 256). The block is
+    `ModelConfig.attention_block`: smaller blocks skip more work, larger ones make fewer and bigger matmuls.
 
     q [B, T, N, H], k and v [B, T, K, H], bias [B, T, T] -> [B, T, N, H]
     """
@@ -178,7 +176,7 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
         if kv_cache is None:  # the T positions 0 .. T-1 over themselves: a causal mask (see module docstring)
-            out = causal_attention(q, k, v, bias)
+            out = causal_attention(q, k, v, bias, cfg.attention_block)
         else:
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias)
         return Dense(cfg.hidden_size, cfg.o_bias, cfg, name="o_proj")(out.reshape(B, T, N * H)), (k, v)

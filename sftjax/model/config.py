@@ -11,7 +11,8 @@ Axis letters used across sftjax.model: B batch, T query positions, S key positio
 K key/value heads, G = N // K query heads per key/value head, H head width, F feed-forward width, V vocabulary,
 L layers.
 
-The config also holds the runtime policy (dtype, param_dtype, scan_layers, remat, dropout_rate, linear). These are
+The config also holds the runtime policy (dtype, param_dtype, scan_layers, remat, attention_block, dropout_rate,
+linear). These are
 not part of the architecture and never reach config.json, except `param_dtype`, written as the checkpoint's
 `torch_dtype`.
 """
@@ -30,6 +31,7 @@ ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_BLOCK = 128  # query rows per causal block of training attention, by default (attention.causal_attention)
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -100,6 +102,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_layers: bool = True  # lax.scan over layers: compile time stays flat as depth grows
     remat: str = "none"  # none | full (recompute each layer) | dots (save matmul outputs only)
+    attention_block: int = ATTENTION_BLOCK  # training attention: queries in causal blocks of this many rows
     dropout_rate: float = 0.0  # dropout on each residual branch (attention and MLP outputs) when training
     linear: Any = None  # a plug-in that reads and applies the linear layers (layers.LinearPlugin); None: plain
 
@@ -137,6 +140,8 @@ class ModelConfig:
                 bad(key, f"is not a supported dtype ({', '.join(DTYPES)})")
         if self.remat not in REMAT_POLICIES:
             bad("remat", f"is not one of {', '.join(REMAT_POLICIES)}")
+        if not isinstance(self.attention_block, int) or self.attention_block <= 0:
+            bad("attention_block", "must be a positive integer")
         if not 0.0 <= self.dropout_rate < 1.0:
             bad("dropout_rate", "must be in [0, 1)")
         if self.sliding_window is not None and self.sliding_window <= 0:

@@ -61,7 +61,8 @@ def build_model(cfg: TrainConfig) -> Model:
     """Load the base weights in param_dtype, apply the run's execution policy and split them per method.name."""
     m, method = cfg.model, cfg.method
     model_cfg, params = load_pretrained(m.path, dtype=m.param_dtype, seed=m.seed)
-    model_cfg = model_cfg.replace(dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat, dropout_rate=m.dropout)
+    model_cfg = model_cfg.replace(dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
+                                  attention_block=m.attention_block, dropout_rate=m.dropout)
     base_fingerprint = fingerprint(params)
     memory = quant.memory_report(params)
     if method.name == "full":

@@ -214,3 +214,35 @@ def test_sftjax_pipeline_reads_every_file(built):
             assert stats.trained_tokens == stats.tokens - stats.records  # text: every token but BOS is trained
         else:
             assert 0 < stats.trained_tokens < stats.tokens  # prompt/completion: only the completion (+ EOS)
+
+
+def test_load_reads_back_what_build_wrote(built, tmp_path):
+    """load_corpus / load_tasks give what build_corpus / build_tasks returned (the main job reuses the files through
+    them instead of parsing the stdlib again), and refuse a directory that lost a file."""
+    directory, info, tasks = built
+    assert corpus_lib.load_corpus(directory) == info
+    assert tasks_lib.load_tasks(directory) == tasks
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in directory.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    (copy / "add_test.jsonl").unlink()
+    with pytest.raises(FileNotFoundError):
+        tasks_lib.load_tasks(copy)
+    (copy / "corpus_heldout.jsonl").unlink()
+    with pytest.raises(FileNotFoundError):
+        corpus_lib.load_corpus(copy)
+
+
+def test_sources_digest_follows_the_stdlib_files(tmp_path):
+    """The digest that keys the reuse changes when a stdlib file is added or rewritten, not when it is only read."""
+    (tmp_path / "a.py").write_text('"""A."""\n')
+    first = corpus_lib.sources_digest(tmp_path)
+    assert corpus_lib.sources_digest(tmp_path) == first
+    (tmp_path / "b.py").write_text('"""B."""\n')
+    second = corpus_lib.sources_digest(tmp_path)
+    assert second != first
+    os.utime(tmp_path / "a.py", ns=(1, 1))
+    assert corpus_lib.sources_digest(tmp_path) != second
+    (tmp_path / "notes.txt").write_text("not read by the corpus")
+    assert corpus_lib.sources_digest(tmp_path) == corpus_lib.sources_digest(tmp_path)

@@ -81,6 +81,11 @@ def test_main_job_builds_trains_and_reports(tmp_path, monkeypatch):
                                                    "heads need objective=heads")
     assert "pre-training the built-in base" not in again.stdout + again.stderr
     assert os.listdir(tmp_path / "cache")  # everything built lives under SFTJAX_CACHE
+    # The corpus and tasks were parsed from the stdlib once and reused (their built.json names what they came
+    # from); the compiled programs are kept for the next run (trainer.compile_cache, under SFTJAX_CACHE too).
+    assert len(list((tmp_path / "cache").glob("corpus-*/built.json"))) == 1
+    assert len(list((tmp_path / "cache").glob("builtin-*/tasks-*/built.json"))) == 1
+    assert any((tmp_path / "cache" / "xla").iterdir())
     # The base's scores are kept per evaluation setting (3 test tasks; 2 validation tasks): a sweep scores it once.
     cached = sorted((tmp_path / "cache").glob("builtin-*/baselines/*.json"))
     assert len(cached) == 2 and {"zero_shot", "few_shot", "corpus_loss"} <= set(json.loads(cached[0].read_text()))

@@ -112,6 +112,7 @@ def test_impossible_model_config_values():
                              ({"head_dim": 33}, "head_dim=33 must be even"),
                              ({"dtype": "float64"}, "dtype='float64' is not a supported dtype"),
                              ({"remat": "some"}, "remat='some' is not one of"),
+                             ({"attention_block": 0}, "attention_block=0 must be a positive integer"),
                              ({"family": "gpt2"}, "family='gpt2' is not supported")]:
         with pytest.raises(sftjax.ConfigError, match=message):
             cfg.replace(**changes)

@@ -341,3 +341,32 @@ def build_corpus(directory: str | Path, heldout_fraction: float = 0.05, *, stdli
     info_path.write_text(json.dumps({**fields, "heldout_fraction": heldout_fraction, "record_chars": record_chars},
                                     indent=2) + "\n", encoding="utf-8")
     return CorpusInfo(**fields, train_path=train_path, heldout_path=heldout_path, info_path=info_path)
+
+
+def load_corpus(directory: str | Path) -> CorpusInfo:
+    """The CorpusInfo of a corpus `build_corpus` wrote into `directory` (read from its corpus.json)."""
+    directory = Path(directory)
+    info = json.loads((directory / "corpus.json").read_text(encoding="utf-8"))
+    fields = {f.name: info[f.name] for f in dataclasses.fields(CorpusInfo) if f.name in info}
+    fields["heldout_modules"] = tuple(fields["heldout_modules"])
+    out = CorpusInfo(**fields, train_path=directory / "corpus_train.jsonl",
+                     heldout_path=directory / "corpus_heldout.jsonl", info_path=directory / "corpus.json")
+    for path in (out.train_path, out.heldout_path):
+        if not path.is_file():
+            raise FileNotFoundError(path)
+    return out
+
+
+def sources_digest(stdlib_dir: str | Path | None = None) -> str:
+    """sha256 of what `build_corpus` and `build_tasks` read: the list of stdlib files with their sizes and
+    modification times (a stat of each, no parsing), and the source of this module and of tasks.py. Equal digests
+    give the same corpus and tasks for the same settings, so a cache keyed on it never serves stale files."""
+    from sftjax.data.builtin import tasks  # imports this module: deferred
+
+    digest = hashlib.sha256()
+    for module, path in stdlib_files(stdlib_dir):
+        stat = path.stat()
+        digest.update(f"{module}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for source in (__file__, tasks.__file__):
+        digest.update(Path(source).read_bytes())
+    return digest.hexdigest()

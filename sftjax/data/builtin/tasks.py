@@ -280,6 +280,19 @@ def build_tasks(directory: str | Path, seed: int = 0, heldout_modules: Iterable[
     return out
 
 
+def load_tasks(directory: str | Path) -> dict[str, TaskFiles]:
+    """The TaskFiles of the tasks `build_tasks` wrote into `directory` (read from its tasks.json)."""
+    directory = Path(directory)
+    info = json.loads((directory / "tasks.json").read_text(encoding="utf-8"))
+    out = {name: TaskFiles(name, *(directory / f"{name}_{s}.jsonl" for s in SPLITS),
+                           *(t[f"n_{s}"] for s in SPLITS), t["description"]) for name, t in info["tasks"].items()}
+    for task in out.values():
+        for split in SPLITS:
+            if not task.path(split).is_file():
+                raise FileNotFoundError(task.path(split))
+    return out
+
+
 def few_shot_prompt(shots: list[dict[str, str]], query: dict[str, str]) -> str:
     """k solved examples, then the query's prompt: "<p1><c1>\\n\\n<p2><c2>\\n\\n<query prompt>".
 

@@ -196,19 +196,37 @@ def test_ab_runs_every_variant_and_they_agree():
     assert max(first_losses) - min(first_losses) < 1e-5
 
 
-def test_ab_compares_the_merged_and_factored_lora_on_the_main_jobs_model():
-    """The main job's base and rank-64 LoRA over 4 x 64 tokens, where the adapters run merged (`current`) or
-    factored: the same losses (first and last of 3 steps) to 1e-5."""
-    proc = subprocess.run([sys.executable, str(AB), "--mode", "lora", "--preset", "builtin", "--rank", "64",
-                           "--batch", "4", "--seq", "64", "--steps", "3", "--warmup", "1",
-                           "--variants", "current,factored_lora"], capture_output=True, text=True, timeout=600,
-                          check=False)
+def test_ab_compares_variants_of_the_main_jobs_step():
+    """--main-job (the main job's base, rank-64 LoRA with the embedding and norms trained, packed rows with the
+    labeled positions) over 4 x 64 tokens: the adapters merged (`current`) or factored, and attention in blocks of
+    32 queries, give the same losses (first and last of 3 steps) to 1e-5."""
+    proc = subprocess.run([sys.executable, str(AB), "--main-job", "--batch", "4", "--seq", "64", "--steps", "3",
+                           "--warmup", "1", "--variants", "current,factored_lora,block_32"], capture_output=True,
+                          text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("lora (rank 64), builtin, batch 4 x 64")
+    assert proc.stdout.startswith("main job: lora (rank 64), builtin, batch 4 x 64")
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [row[0].strip("| ") for row in rows[1:]] == ["current", "factored_lora"]
-    (first_a, last_a), (first_b, last_b) = ([float(x) for x in row[4].split(" / ")] for row in rows[1:])
-    assert abs(first_a - first_b) < 1e-5 and abs(last_a - last_b) < 1e-5
+    assert [row[0].strip("| ") for row in rows[1:]] == ["current", "factored_lora", "block_32"]
+    losses = [[float(x) for x in row[4].split(" / ")] for row in rows[1:]]
+    for first, last in losses[1:]:
+        assert abs(first - losses[0][0]) < 1e-5 and abs(last - losses[0][1]) < 1e-5
+
+
+def test_main_job_batches_are_packed_like_the_tasks():
+    """ab.main_job_batches: rows packed with 8-26-token examples (positions restart, segment ids count up), about a
+    fifth of the tokens trained, and the SFT objective's label_index over them."""
+    sys.path.insert(0, str(AB.parent))
+    try:
+        import ab
+    finally:
+        sys.path.remove(str(AB.parent))
+    [batch] = ab.main_job_batches(1, 32, 128, 4096, 0)
+    seg, pos, mask = batch["segment_ids"][0, 0], batch["positions"][0, 0], batch["loss_mask"][0, 0]
+    assert seg.shape == (32, 128) and (seg > 0).all() and (np.diff(seg, axis=1) >= 0).all()
+    assert ((pos == 0) == np.concatenate([np.ones((32, 1), bool), np.diff(seg, axis=1) > 0], axis=1)).all()
+    assert 0.15 < mask.mean() < 0.35
+    index = batch["label_index"][0, 0]
+    assert sorted(index[index >= 0].tolist()) == np.flatnonzero(mask.reshape(-1)).tolist()
 
 
 def test_ab_restores_the_patched_functions():

@@ -235,15 +235,17 @@ def main(argv: list[str] | None = None) -> None:
                                           "no_causal_blocks,select_mask")
     ap.add_argument("--preset", default="bench-llama", help="a model preset, or `builtin`: the main job's base")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=None, help="rows per step (default 8; --main-job: 32)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per row (default 256; --main-job: 128)")
     ap.add_argument("--steps", type=int, default=10, help="steps per variant, warm-up included")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--main-job", action="store_true", help="the main job's step (sets --mode, --preset, --rank, "
-                    "--batch, --seq; see above)")
+    ap.add_argument("--main-job", action="store_true", help="the main job's step (sets --mode, --preset, --rank; "
+                    "see above)")
     args = ap.parse_args(argv)
     if args.main_job:
-        args.mode, args.preset, args.rank, args.batch, args.seq = "lora", "builtin", 64, 32, 128
+        args.mode, args.preset, args.rank = "lora", "builtin", 64
+    args.batch = args.batch or (32 if args.main_job else 8)
+    args.seq = args.seq or (128 if args.main_job else 256)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

@@ -41,8 +41,8 @@ class ModelSection:
     scan_layers: bool = True  # lax.scan over layers: flat compile time as depth grows
     remat: str = "none"  # none | full | dots: recompute activations in the backward pass to save memory
     # training attention runs its queries in causal blocks of this many rows, each over the keys up to its end:
-    # smaller blocks skip more of the masked half, larger ones make fewer, bigger matmuls (bench shapes: 128; the
-    # built-in base, T = 128 with heads of 32: 32, conf/model/builtin.yaml)
+    # smaller blocks skip more of the masked half, larger ones make fewer, bigger matmuls (which pays depends on
+    # the shapes: experiments/bench/README.md, "The main job's step")
     attention_block: int = ATTENTION_BLOCK
     dropout: float = 0.0  # dropout on each residual branch during training
     seed: int = 0  # initialisation seed of preset models

@@ -137,7 +137,7 @@ def ensure_builtin(template: JobConfig) -> Builtin:
     # truncation, and best-fit decreasing packs shorter records into the space left, so more of the token slots
     # are trained than with records of a whole row packed greedily (experiments/main_recipe/README.md).
     record_chars = int(0.75 * 3.3 * settings.pretrain_seq_len)
-    # Corpus and tasks are parsed from the stdlib once (~6 s) and reused while their sources are unchanged.
+    # Corpus and tasks are parsed from the stdlib once and reused while their sources are unchanged.
     sources = corpus_lib.sources_digest()
     corpus = _built_once(cache / f"corpus-{version}", [sources, record_chars],
                          lambda d: corpus_lib.build_corpus(d, record_chars=record_chars), corpus_lib.load_corpus)

@@ -1,9 +1,9 @@
 """jax's persistent compilation cache for sftjax-train (`trainer.compile_cache`).
 
-XLA compiles every program a run uses: the train step once per batch shape, the eval step, sampling. For the
-main job on a 2-core CPU that is ~11 s of compilation per run (experiments/main_recipe/README.md), the same
-programs each time. jax can keep the compiled executables on disk, keyed by the program, the compile options,
-the jax / jaxlib versions and the device: a later run (a sweep's next job, the same job again) loads them.
+XLA compiles every program a run uses: the train step once per batch shape, the eval step, sampling; the same
+programs each time a run is repeated (measured for the main job: experiments/main_recipe/README.md). jax can
+keep the compiled executables on disk, keyed by the program, the compile options, the jax / jaxlib versions and
+the device: a later run (a sweep's next job, the same job again) loads them.
 
 The entries are XLA's own serialized executables (no pickle); only the first process of a multi-process run
 writes them. The cache is bounded (least recently used entries go first) and can be deleted at any time.

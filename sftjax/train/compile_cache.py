@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 
 MAX_BYTES = 2**30  # the cache's bound on disk
-MIN_COMPILE_SECONDS = 0.2  # programs that compile faster are not worth a file (loading one costs ~5 ms)
+MIN_COMPILE_SECONDS = 0.2  # programs that compile faster are not worth a file (loading one costs about as much)
 
 
 def use_compile_cache(directory: str) -> None:

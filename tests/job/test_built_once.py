@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from sftjax.job.base import _built_once
 
 
@@ -32,10 +34,8 @@ def test_built_once_per_key_and_again_when_interrupted_or_changed(tmp_path):
     def interrupted(directory):
         raise KeyboardInterrupt
 
-    try:
+    with pytest.raises(KeyboardInterrupt):
         _built_once(d, ["k", 3], interrupted, load)
-    except KeyboardInterrupt:
-        pass
     assert not (d / "built.json").exists()  # removed before building: the old key no longer matches half a build
     assert calls == ["build", "load", "build", "load", "build", "build"]
 

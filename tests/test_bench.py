@@ -162,9 +162,15 @@ def test_the_machine_record_tells_cpu_generations_apart():
 
 
 def test_profile_sums_op_time_by_kind():
-    out = subprocess.run([sys.executable, str(BENCH.parent / "op_profile.py"), "--quick", "--steps", "1"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, str(BENCH.parent / "op_profile.py"), "--quick", "--steps", "1",
+                          "--by-source"], capture_output=True, text=True, check=True).stdout
     assert "| kind | ms per step | share of op time |" in out and "| ynn |" in out and "step wall" in out
+    # --by-source: op time per function and line of sftjax/, the attention and the linear layers among them
+    functions = [line.split(" | ")[0].strip("| ") for line in out.split("| function |")[1].splitlines()[2:]
+                 if line.startswith("| ")]
+    assert "sftjax/model/attention.py:causal_attention" in functions, functions
+    assert any(f.startswith("sftjax/peft/adapted.py:") or f.startswith("sftjax/model/layers.py:") for f in functions)
+    assert "dot_general (backward)" in out.split("| source line |")[1]
     sys.path.insert(0, str(BENCH.parent))
     import op_profile as bench_profile
 
@@ -177,6 +183,32 @@ def test_profile_sums_op_time_by_kind():
                              {"ph": "X", "name": "while.101", "dur": 9000},
                              {"ph": "M", "name": "thread_name"}]}
     assert bench_profile.op_times(trace, steps=3) == {"ynn_fusion": 1.0}
+
+
+def test_profile_names_the_source_line_of_each_op():
+    """hlo_sources maps a compiled program's ops (fusions by their root) to this file's lines and functions."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(BENCH.parent))
+    import op_profile as bench_profile
+
+    def loss(w, x):
+        h = jnp.exp(x @ w)  # the line of the exp and of the forward and backward matmuls
+        return jnp.sum(h)
+
+    here = Path(__file__).name
+    line = loss.__code__.co_firstlineno + 1
+    hlo = jax.jit(jax.grad(loss)).lower(jnp.ones((8, 8)), jnp.ones((4, 8))).compile().as_text()
+    sources = bench_profile.hlo_sources(hlo)
+    assert sources and {where for where, _, _ in sources.values()} <= {f"{here}:{line}", "?"}, sources
+    function = f"{here}:test_profile_names_the_source_line_of_each_op.<locals>.loss"  # the code object's qualname
+    assert {function for _, function, _ in sources.values()} - {"?"} == {function}
+    times = {name: 1.0 for name in sources}
+    per_line, per_function = bench_profile.by_source(times, sources)
+    assert per_line[0][1] == f"{here}:{line}" and per_function[0][1] == function
+    assert sum(row[0] for row in per_line) == len(sources)
+    assert all(0.0 <= row[2] <= 1.0 for row in per_line) and all(0.0 <= row[2] <= 1.0 for row in per_function)
 
 
 AB = BENCH.parent / "ab.py"

@@ -152,6 +152,10 @@ class Runner:
         self.temp_bytes = None if analysis is None else int(analysis.temp_size_in_bytes)
         return traced - start, compiled - traced
 
+    def hlo(self) -> str:
+        """The compiled step's optimized HLO module as text (after `compile`): ops with their source lines."""
+        return self._run.as_text()
+
     def memory(self) -> dict[str, int | None]:
         """Bytes of trainable parameters, the frozen tree (4-bit codes + constants under QLoRA), optimizer state,
         and on a GPU the peak of device memory in use (the allocator's peak_bytes_in_use; None on CPU)."""

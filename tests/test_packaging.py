@@ -1,5 +1,5 @@
 """The wheel ships every package (the explicit list in pyproject.toml) and conf/ as `sftjax.conf`; the console
-scripts start without importing JAX; `import sftjax` exposes its API lazily."""
+scripts start without importing JAX; `import sftjax` exposes its API lazily; the README stays a front door."""
 
 import subprocess
 import sys
@@ -49,3 +49,17 @@ def test_console_scripts_start_without_jax():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     for name in ("sftjax-train", "sftjax-eval", "sftjax-generate"):
         assert scripts[name].startswith("sftjax.cli.launch:"), name
+
+
+def test_the_readme_stays_short_and_its_first_screen_has_the_two_commands():
+    """Under 300 lines of at most 120 characters; its first lines install and run the main job and the tests,
+    with the command .ci/run runs."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) < 300
+    assert [n for n, line in enumerate(lines, 1) if len(line) > 120] == []
+    first = "\n".join(lines[:12])
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()[-1]
+    assert "pip install . && sftjax-train" in first
+    assert 'pip install -e ".[test]" && python -m pytest -q' in first and ci.endswith(
+        'pip install -e ".[test]" && python -m pytest -q')
+

@@ -84,6 +84,26 @@ class NullWriter:
         pass
 
 
+def _summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch whenever it is installed (about a second) only to accept torch tensors; sftjax logs
+    Python floats. A None entry in sys.modules makes that `import torch` fail as it would without torch; the
+    entry is removed right after, so a later `import torch` works as usual. With torch already imported (or
+    tensorboardX), it is a plain import.
+    """
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends metrics of `run_dir` to metrics.jsonl and TensorBoard; `resume_step` continues a killed run.
 
@@ -92,8 +112,7 @@ class MetricsWriter:
     """
 
     def __init__(self, run_dir: str | Path, *, resume_step: int | None = None):
-        from tensorboardX import SummaryWriter  # deferred: tensorboardX imports torch when it is installed
-
+        SummaryWriter = _summary_writer()
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:

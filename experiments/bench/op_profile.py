@@ -9,8 +9,9 @@
       (SmolLM2-135M-Instruct's weights, its data file and settings: 4 packed rows of 512, completion-only loss)
     python experiments/bench/op_profile.py --real-model --mode lora --set model.scan_layers=false   # a setting
 
-Builds the bench step as bench.py does (`jax_side.Runner`, random weights), runs a few steps to warm up, traces
---steps more with `jax.profiler.trace` (perfetto JSON), and sums the duration of every XLA op event per step:
+Builds the bench step as bench.py does (`jax_side.Runner`, random weights; --real-model: the real ones), runs a
+few steps to warm up, traces --steps more with `jax.profiler.trace` (perfetto JSON), and sums the duration of
+every XLA op event per step:
 
     ynn        YNNPACK fusions: the matmuls and the elementwise work XLA fused into them
     dot        matmuls XLA left to its own (Eigen) kernels
@@ -24,9 +25,10 @@ The executor's wrappers (ThunkExecutor, thread-pool waits, while / call bodies) 
 counted twice.
 
 --by-source adds where in the code that time is spent: every op of the compiled step (its optimized HLO) carries
-the source line of the jax operation it came from; a fusion is charged to its root's line. Lines of sftjax/ (the
-model, the loss, the optimizer step) are summed per line and, coarser, per function, with the jax operation
-named there (e.g. `dot_general`, `exp`, `transpose(jvp(...))` for the backward pass).
+the source line of the jax operation it came from; a fusion is charged to its root's line. Op time is summed per
+line of sftjax/ (the model, the loss, the optimizer step) and, coarser, per function, each with its share in
+matmul ops (ynn, dot) and, per line, the jax operations there (e.g. `dot_general`; `(backward)` marks those of the
+backward pass).
 """
 
 from __future__ import annotations

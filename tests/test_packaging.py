@@ -62,4 +62,3 @@ def test_the_readme_stays_short_and_its_first_screen_has_the_two_commands():
     assert "pip install . && sftjax-train" in first
     assert 'pip install -e ".[test]" && python -m pytest -q' in first and ci.endswith(
         'pip install -e ".[test]" && python -m pytest -q')
-

@@ -271,3 +271,25 @@ def test_qlora_forward_is_within_nf4_error(ours, hf_model, hf_tokenizer, chat, f
     assert hf_tokenizer.decode(sftjax.generate(qcfg, qparams, [prompt], max_new_tokens=8)[0]).startswith(
         "The capital of France is Paris")
 
+
+
+def test_the_benchmarks_batches_are_sftjax_trains(directory, tmp_path):
+    """experiments/bench/sft_real.py's `sftjax_batches` (its loss cross-check and op_profile.py --real-model read
+    sftjax's rows through it): packed rows of 512 of its prompt/completion file, the completions trained, and
+    extra overrides applied on top of its command's."""
+    import sys
+
+    bench = Path(__file__).parents[1] / "experiments" / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        import sft_real
+    finally:
+        sys.path.remove(str(bench))
+    data = tmp_path / "data.jsonl"
+    sft_real.write_data(data, directory, 24)
+    cfg, [batch] = sft_real.sftjax_batches(directory, data, "lora", 1, ("model.scan_layers=false",))
+    assert cfg.model.scan_layers is False and cfg.method.lora.rank == sft_real.LORA["rank"]
+    assert batch["tokens"].shape == (1, sft_real.ROWS, sft_real.SEQ)
+    mask, segments = batch["loss_mask"][0], batch["segment_ids"][0]
+    assert 0 < mask.sum() < (segments > 0).sum()  # completion-only: some of the real tokens, not all
+    assert not (mask * (segments == 0)).any()  # padding is never trained

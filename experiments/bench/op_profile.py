@@ -156,22 +156,17 @@ def real_model_steps(mode: str, n: int, overrides: list[str]) -> tuple[jax_side.
     import numpy as np
     import sft_real
 
-    from sftjax.cli.common import compose_config
-    from sftjax.data.pipeline import DataIterator
     from sftjax.objectives.sft import SFT
-    from sftjax.train.setup import build_data, build_model, build_tokenizer
+    from sftjax.train.setup import build_model
 
     model_dir = sft_real.real_model_dir()
     with tempfile.TemporaryDirectory(prefix="sftjax-profile-data-") as work:
         data = Path(work) / "data.jsonl"
         sft_real.write_data(data, model_dir, 400)
-        cfg = compose_config([*sft_real.sftjax_command(model_dir, data, mode, 1, Path("."))[1:-1], *overrides])
-        model = build_model(cfg)
-        train, _ = build_data(cfg, build_tokenizer(cfg, model.cfg), 1)
-        objective = SFT(model.cfg, tuple(d.name for d in cfg.data.train))
-        iterator = DataIterator(train, devices=1)
-        batches = [objective.prepare({k: np.asarray(v)[:, None] for k, v in next(iterator).items()})
-                   for _ in range(n)]
+        cfg, rows = sft_real.sftjax_batches(model_dir, data, mode, n, tuple(overrides))
+    model = build_model(cfg)
+    objective = SFT(model.cfg, tuple(d.name for d in cfg.data.train))
+    batches = [objective.prepare({k: np.asarray(v)[:, None] for k, v in b.items()}) for b in rows]
     trained = np.mean([float((b["loss_mask"] > 0).mean()) for b in batches])
     described = (f"SmolLM2-135M-Instruct ({model_dir}), batch {sft_real.ROWS} x {sft_real.SEQ}, "
                  f"{100 * trained:.0f}% of the slots trained")

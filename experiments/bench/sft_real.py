@@ -238,20 +238,27 @@ def run_sftjax(model_dir: Path, data: Path, mode: str, steps: int, work: Path) -
             "log_tail": proc.stdout.splitlines()[-8:]}
 
 
-def rows_worker(model_dir: str, data: str, mode: str, out: str) -> dict[str, Any]:
-    """sftjax's first batch, as sftjax-train with these settings builds it (its config composed from the same
-    overrides, `build_data`, `DataIterator`), saved to `out` (.npz) for the loss cross-check. Own process (--worker)."""
-    import numpy as np
-
+def sftjax_batches(model_dir: Path, data: Path, mode: str, n: int, extra: tuple[str, ...] = ()) -> tuple[Any, list]:
+    """(config, first n batches [1, rows, T]) as sftjax-train builds them for one mode: its config composed from the
+    same overrides (plus `extra`), `build_data`, `DataIterator`."""
     from sftjax.cli.common import compose_config
     from sftjax.data.pipeline import DataIterator
     from sftjax.data.tokenizer import load_tokenizer
     from sftjax.train.setup import build_data
 
-    overrides = sftjax_command(Path(model_dir), Path(data), mode, 1, Path("."))[1:-1]  # no launcher, no run dir
-    cfg = compose_config(overrides)
+    overrides = sftjax_command(model_dir, data, mode, 1, Path("."))[1:-1]  # no launcher, no run dir
+    cfg = compose_config([*overrides, *extra])
     train, _ = build_data(cfg, load_tokenizer(cfg.model.path), 1)
-    batch = next(DataIterator(train, devices=1))
+    iterator = DataIterator(train, devices=1)
+    return cfg, [next(iterator) for _ in range(n)]
+
+
+def rows_worker(model_dir: str, data: str, mode: str, out: str) -> dict[str, Any]:
+    """sftjax's first batch (`sftjax_batches`), saved to `out` (.npz) for the loss cross-check. Own process
+    (--worker)."""
+    import numpy as np
+
+    _, [batch] = sftjax_batches(Path(model_dir), Path(data), mode, 1)
     keep = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
     np.savez(out, **{k: batch[k][0] for k in keep})  # [rows, T] each
     return {"rows": int(batch["tokens"].shape[1]), "tokens": int((batch["segment_ids"] > 0).sum())}

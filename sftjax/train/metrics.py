@@ -92,14 +92,13 @@ def _summary_writer() -> type:
     entry is removed right after, so a later `import torch` works as usual. With torch already imported (or
     tensorboardX), it is a plain import.
     """
-    if "torch" in sys.modules or "tensorboardX" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # type: ignore[assignment]
+    block = "torch" not in sys.modules and "tensorboardX" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # type: ignore[assignment]
     try:
         from tensorboardX import SummaryWriter
     finally:
-        if "torch" in sys.modules and sys.modules["torch"] is None:
+        if block:
             del sys.modules["torch"]
     return SummaryWriter
 

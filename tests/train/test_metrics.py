@@ -150,6 +150,4 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
-    events = EventAccumulator(str(tmp_path / metrics_lib.TENSORBOARD_DIR))
-    events.Reload()
-    assert [e.value for e in events.Scalars("train/loss")] == [2.5]
+    assert [e.value for e in _tensorboard(tmp_path).Scalars("train/loss")] == [2.5]

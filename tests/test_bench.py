@@ -230,15 +230,17 @@ def test_ab_runs_every_variant_and_they_agree():
 
 def test_ab_compares_variants_of_the_main_jobs_step():
     """--main-job (the main job's base, rank-64 LoRA with the embedding and norms trained, packed rows with the
-    labeled positions) over 4 x 64 tokens: the adapters merged (`current`) or factored, and attention in blocks of
-    32 queries, give the same losses (first and last of 3 steps) to 1e-5."""
+    labeled positions) over 4 x 64 tokens: the adapters merged (`current`) or factored, attention in blocks of 32
+    queries, and the layers under a scan instead of unrolled (as the main job runs them) give the same losses
+    (first and last of 3 steps) to 1e-5."""
+    variants = ["current", "factored_lora", "block_32", "scan_layers"]
     proc = subprocess.run([sys.executable, str(AB), "--main-job", "--batch", "4", "--seq", "64", "--steps", "3",
-                           "--warmup", "1", "--variants", "current,factored_lora,block_32"], capture_output=True,
+                           "--warmup", "1", "--variants", ",".join(variants)], capture_output=True,
                           text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("main job: lora (rank 64), builtin, batch 4 x 64")
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [row[0].strip("| ") for row in rows[1:]] == ["current", "factored_lora", "block_32"]
+    assert [row[0].strip("| ") for row in rows[1:]] == variants
     losses = [[float(x) for x in row[4].split(" / ")] for row in rows[1:]]
     for first, last in losses[1:]:
         assert abs(first - losses[0][0]) < 1e-5 and abs(last - losses[0][1]) < 1e-5

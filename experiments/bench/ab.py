@@ -42,11 +42,14 @@ function before its step is traced:
                         metrics (the same program up to the metrics it returns)
     select_guard        the finite guard as jnp.where(finite, new, old) over the state instead of
                         `step.apply_sums`'s lax.cond (a select keeps both states among the temporaries)
+    scan_layers         the layers under lax.scan (`model.scan_layers=true`) whatever the run's setting
+    unrolled_layers     the layers unrolled (`model.scan_layers=false`) whatever the run's setting
 
 --main-job builds the main job's step (conf/experiment/main.yaml): the built-in base's architecture (random
-weights), LoRA rank 64 (alpha 128) on every linear with the tied embedding and the norms trained too, batch
-32 x 128, and packed rows as its tasks give them (`main_job_batches`: segments of 8-26 tokens, the last fifth of
-each trained, so the SFT objective computes the logits at ~900 labeled positions of 4096: `sft.label_index`).
+weights; its 4 layers unrolled, as conf/model/builtin.yaml runs them), LoRA rank 64 (alpha 128) on every linear
+with the tied embedding and the norms trained too, batch 32 x 128, and packed rows as its tasks give them
+(`main_job_batches`: segments of 8-26 tokens, the last fifth of each trained, so the SFT objective computes the
+logits at ~900 labeled positions of 4096: `sft.label_index`).
 
 Prints per variant: median step seconds and tokens/s over the steps after --warmup, the loss of the first and
 last step (variants compute the same thing: the losses agree to float32 rounding), and XLA's temp buffer size.
@@ -215,12 +218,19 @@ VARIANTS = {
     "select_guard": [(step, "apply_sums", _select_apply_sums)],
 }
 
+# variant -> model config fields it changes (a policy, not a function)
+CONFIG_VARIANTS = {
+    "scan_layers": {"scan_layers": True},
+    "unrolled_layers": {"scan_layers": False},
+}
+
 
 @contextlib.contextmanager
 def patched(variant: str):
-    saved = [(module, name, getattr(module, name)) for module, name, _ in VARIANTS[variant]]
+    swaps = VARIANTS.get(variant, [])
+    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
     try:
-        for module, name, value in VARIANTS[variant]:
+        for module, name, value in swaps:
             setattr(module, name, value)
         yield
     finally:
@@ -247,14 +257,16 @@ def main(argv: list[str] | None = None) -> None:
     args.batch = args.batch or (32 if args.main_job else 8)
     args.seq = args.seq or (128 if args.main_job else 256)
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in VARIANTS and n not in CONFIG_VARIANTS]
     if unknown:
-        ap.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+        ap.error(f"--variants: unknown {unknown}; choose from {sorted([*VARIANTS, *CONFIG_VARIANTS])}")
     if args.steps <= args.warmup:
         ap.error("--steps must exceed --warmup")
 
     preset = base_config(4096) if args.preset == "builtin" else PRESETS[args.preset]
     model_cfg = dataclasses.replace(preset, dtype="float32", param_dtype="float32")
+    if args.main_job:  # conf/model/builtin.yaml: the main job's 4 layers run unrolled
+        model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
     cfg = jax_side.train_config("unused", args.mode, args.rank, 2.0 * args.rank, 1e-4)
     if args.main_job:
         cfg.method.lora.trainable_modules = ("embed_tokens", "norm")
@@ -265,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     runners = {}
     for name in names:
         with patched(name):  # the step is traced and compiled here, with the variant's functions
-            model = jax_side.random_model(cfg, model_cfg)
+            model = jax_side.random_model(cfg, dataclasses.replace(model_cfg, **CONFIG_VARIANTS.get(name, {})))
             objective = sft.SFT(model.cfg, ("module", "first_param", "add")) if args.main_job else None
             runner = jax_side.Runner(cfg, model, objective)
             runner.compile(batches[0])

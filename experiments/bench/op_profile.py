@@ -4,7 +4,8 @@
     python experiments/bench/op_profile.py --mode lora --top 30
     python experiments/bench/op_profile.py --quick          # tiny config (tests/test_bench.py)
     python experiments/bench/op_profile.py --main-job --mode lora   # the main job's base, LoRA rank 64, 32 x 128
-      (its adapters only, as ab.py's --preset builtin: the main job also trains the embeddings and the norms)
+      (its 4 layers unrolled as the main job runs them; its adapters only, as ab.py's --preset builtin: the main
+      job also trains the embeddings and the norms)
     python experiments/bench/op_profile.py --real-model --mode lora --by-source   # sft_real.py's sftjax step
       (SmolLM2-135M-Instruct's weights, its data file and settings: 4 packed rows of 512, completion-only loss)
     python experiments/bench/op_profile.py --real-model --mode lora --set model.scan_layers=false   # a setting
@@ -193,14 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.main_job:
         from sftjax.job.base import base_config
 
-        model_cfg, rank, alpha = base_config(4096).replace(dtype="float32", param_dtype="float32"), 64, 128.0
+        model_cfg = base_config(4096).replace(dtype="float32", param_dtype="float32", scan_layers=False)
+        rank, alpha = 64, 128.0
         s = {**s, "batch": 32, "seq": 128}
     if args.real_model:
         runner, data, described = real_model_steps(args.mode, 4 * args.steps, args.set)
         model_cfg = runner.model.cfg
     else:
-        cfg = jax_side.train_config("-", args.mode, rank, alpha, bench.LORA["lr"],
-                                    scan_layers=not args.main_job)  # the main job's 4 layers run unrolled
+        cfg = jax_side.train_config("-", args.mode, rank, alpha, bench.LORA["lr"])
         runner = jax_side.Runner(cfg, jax_side.random_model(cfg, model_cfg))
         data = [jax_side.sftjax_batch(*t) for t in
                 workers.batches(2 * args.steps, s["batch"], s["seq"], model_cfg.vocab_size, bench.SEED)]

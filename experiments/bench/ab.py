@@ -265,10 +265,9 @@ def main(argv: list[str] | None = None) -> None:
 
     preset = base_config(4096) if args.preset == "builtin" else PRESETS[args.preset]
     model_cfg = dataclasses.replace(preset, dtype="float32", param_dtype="float32")
-    if args.main_job:  # conf/model/builtin.yaml: the main job's 4 layers run unrolled
-        model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
     cfg = jax_side.train_config("unused", args.mode, args.rank, 2.0 * args.rank, 1e-4)
     if args.main_job:
+        model_cfg = dataclasses.replace(model_cfg, scan_layers=False)  # conf/model/builtin.yaml: 4 layers unrolled
         cfg.method.lora.trainable_modules = ("embed_tokens", "norm")
         batches = main_job_batches(3, args.batch, args.seq, model_cfg.vocab_size, 0)
     else:

@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --real-model: sftjax-train overrides on top of sft_real.py's (an A/B of a setting)")
     ap.add_argument("--by-source", action="store_true", help="also op time per source line and function of sftjax/")
     args = ap.parse_args(argv)
+    if args.set and not args.real_model:
+        ap.error("--set goes with --real-model")
     s = bench.SETTINGS["quick" if args.quick else "real"]
     model_cfg = PRESETS[s["preset"]].replace(**s["overrides"])
     rank, alpha = bench.LORA["rank"], bench.LORA["alpha"]
@@ -206,8 +208,6 @@ def main(argv: list[str] | None = None) -> None:
         data = [jax_side.sftjax_batch(*t) for t in
                 workers.batches(2 * args.steps, s["batch"], s["seq"], model_cfg.vocab_size, bench.SEED)]
         described = f"batch {s['batch']} x {s['seq']}"
-    if args.set and not args.real_model:
-        ap.error("--set goes with --real-model")
     shapes = {k: v.shape for k, v in data[0].items()}
     data = [b for b in data if {k: v.shape for k, v in b.items()} == shapes][:2 * args.steps]  # one program
     if len(data) < 2 * args.steps:

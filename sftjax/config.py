@@ -99,6 +99,9 @@ class TrainerSection:
     batch_size: int = 8  # global packed rows per micro-batch, split evenly over the devices (of all hosts)
     grad_accum: int = 1  # micro-batches per optimizer step (lax.scan)
     devices: int = 0  # devices for the pmap step (0: all local devices)
+    # CPU devices jax exposes in this process, set by sftjax-train before JAX starts (0: jax's default, i.e.
+    # XLA_FLAGS' --xla_force_host_platform_device_count or 1); CPU only (sftjax/train/cpu_devices.py)
+    cpu_devices: int = 0
     seed: int = 0  # seed of dropout and everything else random in training
     log_every: int = 10  # steps between train metric lines
     eval_every: int = 50  # steps between evaluations (0: only at the end)
@@ -197,6 +200,7 @@ def validate(cfg: TrainConfig, device_count: int, process_count: int = 1) -> Non
     check(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "must be >= 0 (0: no clipping)")
     check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
     check(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be >= 1")
+    check(t.cpu_devices >= 0, "trainer.cpu_devices", t.cpu_devices, "must be >= 0 (0: jax's default)")
     check(0 <= t.devices <= device_count, "trainer.devices", t.devices,
           f"must be between 0 (all) and the {device_count} local devices")
     check(t.devices in (0, device_count) or process_count == 1, "trainer.devices", t.devices,

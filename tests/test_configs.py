@@ -71,6 +71,7 @@ def test_yaml_defaults_repeat_the_schema():
     ("method.quant.kind=fp4", r"^method.quant.kind='fp4': must be one of nf4, int4$"),
     ("model.remat=some", r"^model.remat='some': must be one of none, full, dots$"),
     ("model.attention_block=0", r"^model.attention_block=0: must be >= 1$"),
+    ("trainer.cpu_devices=-1", r"^trainer.cpu_devices=-1: must be >= 0 \(0: jax's default\)$"),
     ("data.packing=bad", r"^data.packing='bad': must be one of bfd, greedy, none$"),
     ("data.seq_len=1", r"^data.seq_len=1: must be >= 2"),
     ("data.train=[{path:x.jsonl,prompt_noise:1.0}]", r"^data.train\[0\].prompt_noise=1.0: must be in \[0, 1\)$"),

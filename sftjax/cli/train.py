@@ -32,11 +32,13 @@ from sftjax.job.config import JobConfig
 def _app(cfg: DictConfig) -> float | None:
     from sftjax.job.run import run_job, uses_builtin  # deferred: JAX starts after Hydra parsed the command line
     from sftjax.train.compile_cache import use_compile_cache
+    from sftjax.train.cpu_devices import use_cpu_devices
     from sftjax.train.loop import run_training
 
     try:
         typed = OmegaConf.to_object(cfg)
         use_compile_cache(typed.trainer.compile_cache)
+        use_cpu_devices(typed.trainer.cpu_devices)
         run = run_job if uses_builtin(typed) else run_training
         result = run(typed, OmegaConf.to_container(cfg, resolve=True))
     except UserError as e:

@@ -4,6 +4,7 @@ r"""`sftjax-train` against TRL's `SFTTrainer` + PEFT on a real model: seconds pe
     python experiments/bench/sft_real.py --modes lora                      # the headline alone
     python experiments/bench/sft_real.py --steps 3 --warmup 1 --modes lora --results-dir /tmp/x   # smoke run
     python experiments/bench/sft_real.py --records 800                      # a larger JSONL (default 400 records)
+    python experiments/bench/sft_real.py --modes lora --cpu-devices 2       # sftjax's step over two CPU devices
 
 What it measures. bench.py times the bare train step of each stack on random weights and random tokens; this
 script times what a user runs: the two training commands, end to end, on a real checkpoint and a real
@@ -90,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import inspect
 import json
 import os
@@ -213,10 +215,12 @@ def sftjax_command(model_dir: Path, data: Path, mode: str, steps: int, run_dir: 
     ]
 
 
-def run_sftjax(model_dir: Path, data: Path, mode: str, steps: int, work: Path) -> dict[str, Any]:
-    """sftjax-train in its own process; per-step seconds, tokens and losses from its metrics.jsonl."""
+def run_sftjax(model_dir: Path, data: Path, mode: str, steps: int, work: Path, cpu_devices: int = 0) -> dict[str, Any]:
+    """sftjax-train in its own process; per-step seconds, tokens and losses from its metrics.jsonl. cpu_devices > 0:
+    its pmap step over that many CPU devices (`trainer.cpu_devices`; 0: sftjax-train's default, one)."""
     run_dir = work / f"sftjax-{mode}"
     cmd = sftjax_command(model_dir, data, mode, steps, run_dir)
+    cmd += [f"trainer.cpu_devices={cpu_devices}"] if cpu_devices else []
     start = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work,
                           env={**os.environ, **ENV}, check=False)
@@ -468,6 +472,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the figures (default 3)")
     ap.add_argument("--records", type=int, default=400, help="prompt/completion records in the JSONL")
+    ap.add_argument("--cpu-devices", type=int, default=0,
+                    help="sftjax's step over this many CPU devices (trainer.cpu_devices; default 0: one)")
     ap.add_argument("--results-dir", type=Path, default=HERE / "results", help="where the JSON goes")
     ap.add_argument("--worker", choices=("rows", "trl"), help=argparse.SUPPRESS)  # a measuring process
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -522,7 +528,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["python experiments/bench/sft_real.py", *(sys.argv[1:] if argv is None else argv)]),
         "load_before": os.getloadavg(),
         "settings": {"modes": args.modes, "steps": args.steps, "warmup": args.warmup, "seq": SEQ, "rows": ROWS,
-                     "lr": LR, "max_grad_norm": MAX_GRAD_NORM, "lora": LORA, "seed": SEED},
+                     "lr": LR, "max_grad_norm": MAX_GRAD_NORM, "lora": LORA, "seed": SEED,
+                     "cpu_devices": args.cpu_devices},
     }
     model_dir = real_model_dir()
     results["model_dir"] = str(model_dir)
@@ -534,7 +541,8 @@ def main(argv: list[str] | None = None) -> None:
         results["modes"] = {}
         for mode in args.modes:
             m: dict[str, Any] = {"rows": spawn("rows", model_dir, data, mode, args.steps, work)}
-            for side, run in (("sftjax", run_sftjax), ("trl", run_trl)):
+            for side, run in (("sftjax", functools.partial(run_sftjax, cpu_devices=args.cpu_devices)),
+                              ("trl", run_trl)):
                 m[side] = run(model_dir, data, mode, args.steps, work)
                 m[f"{side}_summary"] = summarize(m[side], args.warmup)
                 x = m[f"{side}_summary"]

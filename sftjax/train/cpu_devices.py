@@ -29,6 +29,7 @@ def use_cpu_devices(count: int) -> None:
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:
-        log.warning("trainer.cpu_devices=%d not applied: JAX already started in this process with %d CPU devices "
-                    "(set it before JAX's first operation, as sftjax-train does)", count,
-                    len(jax.devices("cpu")))
+        started = len(jax.devices("cpu"))
+        if started != count:  # started with that count already (e.g. from XLA_FLAGS): nothing to say
+            log.warning("trainer.cpu_devices=%d not applied: JAX already started in this process with %d CPU devices "
+                        "(set it before JAX's first operation, as sftjax-train does)", count, started)

@@ -33,6 +33,7 @@ def test_after_jax_started_it_warns_and_the_run_keeps_its_devices():
     assert count == 4
     assert err.strip() == ("trainer.cpu_devices=2 not applied: JAX already started in this process with 4 CPU "
                            "devices (set it before JAX's first operation, as sftjax-train does)")
+    assert devices(4, started=True) == (4, "")  # already the count asked for: no warning
 
 
 def test_sftjax_train_runs_its_pmap_step_over_the_set_devices(workspace, tmp_path):

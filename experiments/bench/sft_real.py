@@ -38,7 +38,9 @@ Why these settings: they are the SFT + LoRA recipe a TRL user writes for a small
     data       packed rows of 512 tokens, best-fit decreasing (TRL `packing=True`, its default strategy "bfd",
                which also turns on its padding-free collator; sftjax data.packing=bfd), 4 rows per optimizer step,
                no gradient accumulation, completion-only loss (TRL completion_only_loss=True; sftjax
-               data.mask=completion), EOS appended to each completion (both do so by default)
+               data.mask=completion), EOS appended to each completion (both do so by default); neither computes
+               the padding's tokens in its per-token layers (TRL's padding-free row; sftjax model.padding_free,
+               its default: the layers run on the batch's real tokens, attention on the rows)
     optimizer  AdamW, lr 2e-4, linear decay to 0 over --steps, no warm-up, no weight decay, gradient clipping at
                norm 1.0 (the defaults of both), TRL's `adamw_torch_fused`
     numerics   float32 everywhere (TRL bf16=False; sftjax model.dtype=param_dtype=float32), no gradient
@@ -72,9 +74,10 @@ transformers' loss on those rows laid out padding-free as TRL lays its own; it m
 loss (same weights, tokens, masks and attention per example): within 0.1%, else a WARNING. (The tokenization of
 the two stacks was compared once on the whole file: same token ids and loss masks for every record.)
 
-Caveats. sftjax computes the vocabulary projection only at trained positions, in one of a few sizes
-(sftjax/objectives/sft.py LABEL_FRACTIONS), so a step whose trained share crosses a size compiles once more (an
-outlier the median ignores; `steps_s` in the JSON holds every step). TRL's padding-free row (the 4 packed rows end
+Caveats. sftjax computes the vocabulary projection only at trained positions and its per-token layers only at
+the real tokens, each in one of a few sizes (sftjax/objectives/sft.py LABEL_FRACTIONS, sftjax/model/compact.py
+TOKEN_FRACTIONS), so a step whose share crosses a size compiles once more (an outlier the median ignores;
+`steps_s` in the JSON holds every step). TRL's padding-free row (the 4 packed rows end
 to end, up to 2048 tokens) goes through sdpa with the block-diagonal causal mask transformers builds from the
 position ids: on CPU, torch's attention kernel computes the whole 2048 x 2048 product under that mask, where sftjax
 attends within each 512-token row. That is what TRL runs on a CPU; on a GPU with

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sftjax.model.compact import gather, scatter
 from sftjax.model.config import ATTENTION_BLOCK, ModelConfig
 from sftjax.model.layers import Dense, RMSNorm, apply_rope, dense, rope_inv_freq
 
@@ -153,11 +154,14 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, bias, kv_cache=None, cache_index=None):
+    def __call__(self, x, positions, bias, kv_cache=None, cache_index=None, compact=None):
         """x [B, T, D], positions [B, T], bias [B, T, S] -> (out [B, T, D], (k, v) [B, S, K, H] each).
 
         Without a cache S == T. With `kv_cache` = (k, v) [B, S, K, H], the new keys and values are written at
-        slots cache_index .. cache_index + T - 1 and attention runs over the whole cache.
+        slots cache_index .. cache_index + T - 1 and attention runs over the whole cache. With `compact` =
+        (token_index [M], token_slot [B*T]) (padding-free layers, `compact.py`): x [1, M, D] and positions [1, M]
+        are the batch's real tokens, bias [B, T, T] its rows; q, k, v are laid into the rows for attention and
+        its output gathered back.
         """
         cfg = self.cfg
         B, T, _ = x.shape
@@ -175,8 +179,12 @@ class Attention(nn.Module):
             k_cache, v_cache = kv_cache
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+        if compact is not None:
+            q, k, v = (scatter(a, *compact, *bias.shape[:2]) for a in (q, k, v))
         if kv_cache is None:  # the T positions 0 .. T-1 over themselves: a causal mask (see module docstring)
             out = causal_attention(q, k, v, bias, cfg.attention_block)
         else:
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias)
+        if compact is not None:
+            out = gather(out, *compact)
         return Dense(cfg.hidden_size, cfg.o_bias, cfg, name="o_proj")(out.reshape(B, T, N * H)), (k, v)

@@ -11,8 +11,8 @@ Axis letters used across sftjax.model: B batch, T query positions, S key positio
 K key/value heads, G = N // K query heads per key/value head, H head width, F feed-forward width, V vocabulary,
 L layers.
 
-The config also holds the runtime policy (dtype, param_dtype, scan_layers, remat, attention_block, dropout_rate,
-linear). These are not part of the architecture and never reach config.json, except `param_dtype`, written as the
+The config also holds the runtime policy (dtype, param_dtype, scan_layers, remat, attention_block, padding_free,
+dropout_rate, linear). These are not part of the architecture and never reach config.json, except `param_dtype`, written as the
 checkpoint's `torch_dtype`.
 """
 
@@ -102,6 +102,7 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan over layers: compile time stays flat as depth grows
     remat: str = "none"  # none | full (recompute each layer) | dots (save matmul outputs only)
     attention_block: int = ATTENTION_BLOCK  # training attention: queries in causal blocks of this many rows
+    padding_free: bool = True  # objectives pass `compact.token_index`: the layers skip the padding slots
     dropout_rate: float = 0.0  # dropout on each residual branch (attention and MLP outputs) when training
     linear: Any = None  # a plug-in that reads and applies the linear layers (layers.LinearPlugin); None: plain
 

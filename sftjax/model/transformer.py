@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from sftjax.model.attention import Attention, attention_mask, mask_bias, window_mask
+from sftjax.model.compact import gather, scatter
 from sftjax.model.config import ModelConfig
 from sftjax.model.layers import INIT_STD, Dense, RMSNorm, dense, gated_activation, linear
 
@@ -56,10 +57,10 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, bias, kv_cache=None, cache_index=None, deterministic=True):
+    def __call__(self, x, positions, bias, kv_cache=None, cache_index=None, deterministic=True, compact=None):
         drop = nn.Dropout(self.cfg.dropout_rate, deterministic=deterministic)
         h = RMSNorm(self.cfg, name="input_layernorm")(x)
-        h, kv = Attention(self.cfg, name="self_attn")(h, positions, bias, kv_cache, cache_index)
+        h, kv = Attention(self.cfg, name="self_attn")(h, positions, bias, kv_cache, cache_index, compact)
         x = x + drop(h)
         x = x + drop(MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x)))
         return x, kv
@@ -131,8 +132,11 @@ def _remat(cfg: ModelConfig, fn):
 
 
 def run_layers(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               q_index: jax.Array, k_index: jax.Array, kv_cache=None, cache_index=None, dropout_rng=None):
+               q_index: jax.Array, k_index: jax.Array, kv_cache=None, cache_index=None, dropout_rng=None,
+               compact=None):
     """Apply the L blocks. x [B, T, D], mask [B, T, S] -> (x [B, T, D], updated cache (k, v) [L, B, S, K, H]).
+    With compact = (token_index [M], token_slot [B*T]) (padding-free layers, `compact.py`) x and positions are
+    [1, M, ...], mask the rows'.
 
     Per-layer inputs (parameters, attention window, cache slice, layer index) are scanned or looped over
     together. Dropout (residual, and the linear plug-in's; training only) uses the key fold_in(dropout_rng,
@@ -151,7 +155,7 @@ def run_layers(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Ar
             bias = shared_bias
         rngs = {"dropout": jax.random.fold_in(dropout_rng, index)} if train else {}
         x, new_kv = block.apply({"params": params}, x, positions, bias, kv, cache_index,
-                                deterministic=not train, rngs=rngs)
+                                deterministic=not train, rngs=rngs, compact=compact)
         return x, (None if kv is None else new_kv)
 
     layer = _remat(cfg, layer)
@@ -166,11 +170,14 @@ def run_layers(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Ar
 
 
 def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                  positions: jax.Array | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
+                  positions: jax.Array | None = None, dropout_rng: jax.Array | None = None,
+                  compact: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Final normalised hidden states [B, T, D] for tokens [B, T] (no cache).
 
     segment_ids [B, T]: packed examples (0 = padding); default: one segment per row. positions default to
     restarting at 0 in every segment. dropout_rng: training mode (dropout on, if cfg.dropout_rate > 0).
+    compact: (token_index [M], token_slot [B*T]) of the batch (`compact.token_index`): the layers run on its M
+    real tokens only, and the padding slots' hidden states are zeros.
     """
     B, T = tokens.shape
     if segment_ids is None:
@@ -179,9 +186,14 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, segment_i
         positions = segment_positions(segment_ids)
     index = jnp.arange(T)
     mask = attention_mask(index, index, segment_ids, segment_ids)
-    x, _ = run_layers(cfg, params["layers"], embed(cfg, params, tokens), positions, mask, index, index,
-                      dropout_rng=dropout_rng)
-    return RMSNorm(cfg).apply({"params": params["norm"]}, x)
+    if compact is None:
+        x, _ = run_layers(cfg, params["layers"], embed(cfg, params, tokens), positions, mask, index, index,
+                          dropout_rng=dropout_rng)
+        return RMSNorm(cfg).apply({"params": params["norm"]}, x)
+    x = embed(cfg, params, gather(tokens, *compact))  # [1, M, D]
+    x, _ = run_layers(cfg, params["layers"], x, gather(positions, *compact), mask, index, index,
+                      dropout_rng=dropout_rng, compact=compact)
+    return scatter(RMSNorm(cfg).apply({"params": params["norm"]}, x), *compact, B, T)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -45,9 +45,10 @@ import jax.numpy as jnp
 
 from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
-from sftjax.model.transformer import hidden_states, lm_head
+from sftjax.model.transformer import lm_head
 from sftjax.objectives.base import Batch, Context, Objective, per_task, ratio
-from sftjax.objectives.sft import at_trained, lm_metrics, lm_sums, token_nll, with_label_index
+from sftjax.objectives.sft import (at_trained, batch_hidden_states, lm_metrics, lm_sums, token_nll, with_label_index,
+                                   with_token_index)
 
 NAME = "distill"
 
@@ -158,13 +159,13 @@ class Distill(Objective):
         return dataclasses.replace(self, teacher=teacher)
 
     def prepare(self, batch: Batch) -> Batch:
+        batch = with_token_index(self.cfg, batch)
         return with_label_index(batch) if self.settings.positions == "trained" else batch
 
     def sums(self, params, refs, batch, rng):
         s = self.settings
-        inputs = (batch["tokens"], batch["segment_ids"], batch["positions"])
-        h = hidden_states(self.cfg, params, *inputs, rng)
-        h_teacher = hidden_states(self.teacher, refs["teacher"], *inputs)
+        h = batch_hidden_states(self.cfg, params, batch, rng)
+        h_teacher = batch_hidden_states(self.teacher, refs["teacher"], batch)
         (h, h_teacher, targets, task), weight = at_trained(batch, h, h_teacher, batch["targets"], batch["task_ids"])
         logits = lm_head(self.cfg, params, h)
         teacher_logits = jax.lax.stop_gradient(lm_head(self.teacher, refs["teacher"], h_teacher))

@@ -44,11 +44,11 @@ import jax.numpy as jnp
 
 from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
-from sftjax.model.transformer import hidden_states, lm_head
+from sftjax.model.transformer import lm_head
 from sftjax.objectives.base import Batch, Context, Objective, Params, ratio
 from sftjax.objectives.pairs import (chosen_rejected, has_target, pair_totals, pairs_present, per_sequence,
                                      task_metrics, task_sums, with_sequences)
-from sftjax.objectives.sft import at_trained, token_nll, with_label_index
+from sftjax.objectives.sft import at_trained, batch_hidden_states, token_nll, with_label_index, with_token_index
 from sftjax.train.references import starting_policy
 
 NAME = "dpo"
@@ -159,7 +159,7 @@ class DPO(Objective):
         return self.settings.loss_type == "orpo"
 
     def prepare(self, batch: Batch) -> Batch:
-        batch = with_sequences(batch)
+        batch = with_token_index(self.cfg, with_sequences(batch))
         return batch if self.whole_sequence_nll else with_label_index(batch)  # orpo: logits at every position
 
     def totals(self, batch: Batch) -> dict:
@@ -175,7 +175,7 @@ class DPO(Objective):
     def sequence_logps(self, cfg: ModelConfig, params: Params, batch: Batch, rng=None):
         """(log-probability [S], trained tokens [S], nll [..], weight [..], correct [..], sequence slot [..]) of the
         completion of every sequence slot of a micro-batch under the model `params`."""
-        h = hidden_states(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"], rng)
+        h = batch_hidden_states(cfg, params, batch, rng)
         (h, targets, seq), weight = at_trained(batch, h, batch["targets"], batch["seq_index"])
         nll, correct = token_nll(lm_head(cfg, params, h), targets)
         slots = batch["sequence_last"].shape[-1]

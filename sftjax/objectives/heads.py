@@ -34,9 +34,10 @@ import numpy as np
 from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
 from sftjax.model.layers import INIT_STD, linear  # a new `score` layer: transformers' initializer_range
-from sftjax.model.transformer import hidden_states, lm_head
+from sftjax.model.transformer import lm_head
 from sftjax.objectives.base import Batch, Context, Objective, Params, flat_positions, per_task, ratio
-from sftjax.objectives.sft import at_trained, lm_metrics, lm_sums, token_nll, with_label_index
+from sftjax.objectives.sft import (at_trained, batch_hidden_states, lm_metrics, lm_sums, token_nll, with_label_index,
+                                   with_token_index)
 
 NAME = "heads"
 log = logging.getLogger("sftjax")
@@ -86,10 +87,10 @@ class Heads(Objective):
                           for task, classes, key in zip(self.tasks, self.labels, keys) if classes is not None}}
 
     def prepare(self, batch: Batch) -> Batch:
-        return with_label_index({**batch, "head_index": head_index(batch["class_ids"])})
+        return with_label_index(with_token_index(self.cfg, {**batch, "head_index": head_index(batch["class_ids"])}))
 
     def sums(self, params, refs, batch, rng):
-        h = hidden_states(self.cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"], rng)
+        h = batch_hidden_states(self.cfg, params, batch, rng)
         (h_lm, targets, task_lm), weight = at_trained(batch, h, batch["targets"], batch["task_ids"])
         nll, correct = token_nll(lm_head(self.cfg, params, h_lm), targets)
         lm = lm_sums(nll, correct, weight, task_lm, len(self.tasks))

@@ -29,10 +29,10 @@ import jax.numpy as jnp
 from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
 from sftjax.model.layers import INIT_STD, linear  # a new `score` layer: transformers' initializer_range
-from sftjax.model.transformer import hidden_states
 from sftjax.objectives.base import Batch, Context, Objective, Params, ratio
 from sftjax.objectives.pairs import (chosen_rejected, pairs_present, per_sequence, task_metrics, task_sums,
                                      with_sequences)
+from sftjax.objectives.sft import batch_hidden_states, with_token_index
 
 NAME = "reward"
 PAIRS = True  # trains on preference pairs (the main job then uses the built-in tasks' preference versions)
@@ -58,7 +58,7 @@ def bradley_terry(r_c: jax.Array, r_r: jax.Array, margin: jax.Array, center: flo
 
 def sequence_rewards(cfg: ModelConfig, params: Params, batch: Batch, rng=None) -> jax.Array:
     """r [S] (float32) of every sequence slot of a micro-batch (0 for empty slots)."""
-    h = hidden_states(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"], rng)
+    h = batch_hidden_states(cfg, params, batch, rng)
     last = batch["sequence_last"]  # [S]
     pooled = h.reshape(-1, h.shape[-1])[jnp.maximum(last, 0)]  # [S, D]
     r = linear(pooled, params["heads"][HEAD]["kernel"].astype(cfg.dtype))[:, 0].astype(jnp.float32)
@@ -77,7 +77,7 @@ class Reward(Objective):
         return {"heads": {HEAD: {"kernel": INIT_STD * jax.random.normal(rng, (self.cfg.hidden_size, 1))}}}
 
     def prepare(self, batch: Batch) -> Batch:
-        return with_sequences(batch)
+        return with_token_index(self.cfg, with_sequences(batch))
 
     def sums(self, params, refs, batch, rng):
         r_c, r_r = chosen_rejected(sequence_rewards(self.cfg, params, batch, rng))

@@ -41,9 +41,9 @@ import numpy as np
 
 from sftjax.errors import ConfigError
 from sftjax.model.config import ModelConfig
-from sftjax.model.transformer import hidden_states, lm_head
+from sftjax.model.transformer import lm_head
 from sftjax.objectives.base import Batch, Objective, Params, ratio
-from sftjax.objectives.sft import at_trained, with_label_index
+from sftjax.objectives.sft import at_trained, batch_hidden_states, with_label_index, with_token_index
 from sftjax.train.references import starting_policy
 
 STD_EPS = 1e-4  # TRL's: advantages = (r - mean) / (std + 1e-4), so a group of equal rewards gives 0, not NaN
@@ -105,7 +105,7 @@ class RolloutSettings:
 def token_logps(cfg: ModelConfig, params: Params, batch: Batch, rng=None):
     """(log pi(targets), entropy, hidden states [.., D], weight) at the completion tokens, float32: [1, K] with
     batch["label_index"] (`sft.at_trained`), else at every position [b, T]; weight is the loss mask there."""
-    h = hidden_states(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"], rng)
+    h = batch_hidden_states(cfg, params, batch, rng)
     (h, targets), weight = at_trained(batch, h, batch["targets"])
     logits = lm_head(cfg, params, h).astype(jnp.float32)
     logp_all = jax.nn.log_softmax(logits, axis=-1)
@@ -218,7 +218,7 @@ class RLObjective(Objective):
         return self.settings.steps_per_rollout > 1
 
     def prepare(self, batch: Batch) -> Batch:
-        return with_label_index(batch)
+        return with_label_index(with_token_index(self.cfg, batch))
 
     def score(self, params: Params, refs: dict[str, Params], batch: Batch) -> dict[str, jax.Array]:
         """Per-token rows [b, T] of one micro-batch: the sampling policy's log-probabilities (when a rollout trains

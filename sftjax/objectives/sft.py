@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sftjax.model.compact import token_index
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import Params, hidden_states, lm_head
 from sftjax.objectives.base import Batch, Context, Objective, array_module, flat_positions, per_task, ratio
@@ -41,6 +42,20 @@ def label_index(loss_mask: np.ndarray) -> np.ndarray | None:
     B, T = loss_mask.shape[-2:]
     sizes = [max(int(B * T * f), 1) for f in LABEL_FRACTIONS]
     return flat_positions(loss_mask > 0, lambda most: next((k for k in sizes if k >= most), None))
+
+
+def with_token_index(cfg: ModelConfig, batch: Batch) -> Batch:
+    """batch plus its token_index [..., M] and token_slot [..., b*T] (host side; padding-free layers,
+    `model/compact.py`) when cfg.padding_free and the batch has padding worth skipping."""
+    index = token_index(batch["segment_ids"]) if cfg.padding_free else None
+    return batch if index is None else {**batch, "token_index": index[0], "token_slot": index[1]}
+
+
+def batch_hidden_states(cfg: ModelConfig, params: Params, batch: Batch, rng=None) -> jax.Array:
+    """`hidden_states` [b, T, D] of a micro-batch's rows; on its real tokens only when `with_token_index` gave it
+    a token_index (zeros at the padding slots then)."""
+    compact = (batch["token_index"], batch["token_slot"]) if "token_index" in batch else None
+    return hidden_states(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"], rng, compact)
 
 
 def with_label_index(batch: Batch) -> Batch:
@@ -111,7 +126,7 @@ def sft_sums(cfg: ModelConfig, params: Params, batch: dict[str, jax.Array], drop
     nowhere. With batch["label_index"] [K] the logits are computed at those K flat positions only; the sums are
     the same.
     """
-    h = hidden_states(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"], dropout_rng)
+    h = batch_hidden_states(cfg, params, batch, dropout_rng)
     (h, targets, task), weight = at_trained(batch, h, batch["targets"], batch["task_ids"])
     nll, correct = token_nll(lm_head(cfg, params, h), targets)
     return lm_sums(nll, correct, weight, task, num_tasks)
@@ -131,7 +146,7 @@ class SFT(Objective):
     name = NAME
 
     def prepare(self, batch: Batch) -> Batch:
-        return with_label_index(batch)
+        return with_label_index(with_token_index(self.cfg, batch))
 
     def sums(self, params, refs, batch, rng):
         return sft_sums(self.cfg, params, batch, rng, len(self.tasks))

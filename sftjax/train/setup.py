@@ -62,7 +62,8 @@ def build_model(cfg: TrainConfig) -> Model:
     m, method = cfg.model, cfg.method
     model_cfg, params = load_pretrained(m.path, dtype=m.param_dtype, seed=m.seed)
     model_cfg = model_cfg.replace(dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
-                                  attention_block=m.attention_block, dropout_rate=m.dropout)
+                                  attention_block=m.attention_block, padding_free=m.padding_free,
+                                  dropout_rate=m.dropout)
     base_fingerprint = fingerprint(params)
     memory = quant.memory_report(params)
     if method.name == "full":

@@ -89,11 +89,14 @@ def _built_once(directory: Path, key: list, build, load):
 def _pretrain_config(settings: BuiltinSection, root: Path, model_dir: Path, corpus: corpus_lib.CorpusInfo,
                      template: TrainConfig) -> TrainConfig:
     """A full-fine-tuning run from random init on the corpus text (every token trained). Its numerics are the
-    base's recipe (BASE_RECIPE), whatever the fine-tuning sets: float32, no dropout, the default attention block
-    (a block changes the rounding, so the base would differ from the one the cache key names)."""
+    base's recipe (BASE_RECIPE), whatever the fine-tuning sets: float32, no dropout, the default attention block,
+    every slot computed (model.padding_free=false: its rows are ~81% real, and the padding-free layers round
+    differently), since a setting that changes the rounding would make a base other than the one the cache key
+    names."""
     cfg = dataclasses.replace(template)
     cfg.model = dataclasses.replace(template.model, path=str(model_dir), tokenizer=None, dropout=0.0,
-                                    dtype="float32", param_dtype="float32", attention_block=ATTENTION_BLOCK)
+                                    dtype="float32", param_dtype="float32", attention_block=ATTENTION_BLOCK,
+                                    padding_free=False)
     cfg.method = dataclasses.replace(template.method, name="full")
     cfg.data = dataclasses.replace(template.data, train=[DatasetSpec(path=str(corpus.train_path), format="text",
                                                                      name="corpus")],

@@ -10,9 +10,11 @@ and its output gathered back. The final hidden states are laid back into [B, T, 
 the caller sees the same shapes as without the index.
 
 M is rounded up to one of a few sizes (`TOKEN_FRACTIONS` of the B*T slots), so a run compiles its step for a few
-shapes at most; the index is padded with distinct out-of-range positions (B*T, B*T + 1, ...): their gathers read
-zeros and their scatters are dropped. The values are those of the dense path up to float32 summation order (the
-matmuls see M rows instead of B*T), and the padding slots' hidden states are zeros instead of values nobody reads.
+shapes at most. Both ways are gathers (`_permute`): token_index [M] lists the real slots (B*T, out of range, at its
+padding entries), token_slot [B*T] each slot's place in it (M, out of range, at the padding slots); an
+out-of-range entry reads zeros, and each gather's gradient is the gather the other way. The values are those of
+the dense path up to float32 summation order (the matmuls see M rows instead of B*T); the padding slots' hidden
+states are zeros instead of values nobody reads, and dropout draws its masks over [1, M, D] instead of [B, T, D].
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 # Sizes M (fractions of a micro-batch's B*T slots) the padding-free path is compiled for: a batch with more real
-# tokens than the largest runs every slot (the gathers would cost more than the padding they skip).
-TOKEN_FRACTIONS = tuple(k / 16 for k in range(4, 15))  # 1/4, 5/16, ..., 14/16
+# tokens than the largest runs every slot (the gathers would cost more than the padding they skip). Eighths, not
+# finer: each size a run meets compiles its step once more, and batches of one dataset fill their slots to within
+# a few eighths (the figures: experiments/bench/README.md, "Padding-free layers").
+TOKEN_FRACTIONS = (1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
 
 
 def token_index(segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

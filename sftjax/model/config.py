@@ -12,8 +12,8 @@ K key/value heads, G = N // K query heads per key/value head, H head width, F fe
 L layers.
 
 The config also holds the runtime policy (dtype, param_dtype, scan_layers, remat, attention_block, padding_free,
-dropout_rate, linear). These are not part of the architecture and never reach config.json, except `param_dtype`, written as the
-checkpoint's `torch_dtype`.
+dropout_rate, linear). These are not part of the architecture and never reach config.json, except `param_dtype`,
+written as the checkpoint's `torch_dtype`.
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ def test_built_once_per_key_and_again_when_interrupted_or_changed(tmp_path):
 
 
 def test_the_base_pre_trains_at_its_own_numerics_whatever_the_fine_tuning_sets(tmp_path):
-    """A fine-tuning setting that changes rounding (model.attention_block, dtype, dropout) must not reach the
-    pre-training: the cached base is named by its settings, not by these."""
+    """A fine-tuning setting that changes rounding (model.attention_block, padding_free, dtype, dropout) must not
+    reach the pre-training: the cached base is named by its settings, not by these."""
     import dataclasses
 
     from sftjax.job.base import _pretrain_config
@@ -50,7 +50,9 @@ def test_the_base_pre_trains_at_its_own_numerics_whatever_the_fine_tuning_sets(t
     from sftjax.model.config import ATTENTION_BLOCK
 
     template = JobConfig()
-    template.model = dataclasses.replace(template.model, attention_block=32, dtype="bfloat16", dropout=0.1)
+    template.model = dataclasses.replace(template.model, attention_block=32, dtype="bfloat16", dropout=0.1,
+                                         padding_free=True)
     corpus = type("Corpus", (), {"train_path": tmp_path / "t.jsonl", "heldout_path": tmp_path / "h.jsonl"})()
     cfg = _pretrain_config(template.builtin, tmp_path, tmp_path / "init", corpus, template)
     assert (cfg.model.attention_block, cfg.model.dtype, cfg.model.dropout) == (ATTENTION_BLOCK, "float32", 0.0)
+    assert cfg.model.padding_free is False

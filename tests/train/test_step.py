@@ -163,6 +163,37 @@ def test_labeled_positions_only_give_the_same_step():
             np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-7)
 
 
+def test_padding_free_layers_give_the_same_step():
+    """A batch with token_index (the layers on its real tokens only: `model/compact.py`) trains like the full
+    computation: loss, gradient norm, accuracy and the SGD-updated weights (rtol 1e-5), on one device and on two
+    devices with two micro-batches each (one M for all four micro-batches)."""
+    opt_cfg = OptimSection(name="sgd", lr=0.5, momentum=0.0, max_grad_norm=0.0)
+    optimizer = make_optimizer(opt_cfg, 10)
+    params = sftjax.init_params(CFG, jax.random.key(0))
+    rows = _rows(seed=3)
+    lengths = np.random.RandomState(2).randint(3, 10, ROWS)  # rows padded after their first 3..9 tokens
+    real = np.arange(T)[None, :] < lengths[:, None]
+    rows["segment_ids"] = real.astype(np.int32)
+    rows["loss_mask"] = rows["loss_mask"] * real
+    objective = SFT(CFG.replace(padding_free=True), ("t",))
+    for devices, accum in [(1, 1), (2, 2)]:
+        p_train, _ = compile_steps(objective, optimizer, schedule(opt_cfg, 10), devices)
+        mesh = device_mesh(devices)
+        batch = {k: v.reshape(devices, accum, ROWS // (devices * accum), T) for k, v in rows.items()}
+        compact = objective.prepare(batch)
+        assert compact["token_index"].shape[-1] < ROWS * T // (devices * accum)
+        results = []
+        for b in ({k: v for k, v in compact.items() if k not in ("token_index", "token_slot")}, compact):
+            state = replicate(init_state(params, optimizer, seed=0), mesh)
+            state, metrics = p_train(state, replicate({}, mesh), replicate({}, mesh), b)
+            results.append((unreplicate(state), jax.tree.map(lambda x: float(x[0]), metrics)))
+        (full_state, full), (compact_state, out) = results
+        for k in ("loss", "grad_norm", "accuracy", "tokens"):
+            np.testing.assert_allclose(out[k], full[k], rtol=RTOL, err_msg=k)
+        for a, b in zip(jax.tree.leaves(compact_state["trainable"]), jax.tree.leaves(full_state["trainable"])):
+            np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-7)
+
+
 def test_token_nll_correct_is_the_greedy_choice():
     rng = np.random.RandomState(0)
     logits = rng.randn(4, 5, 64).astype(np.float32)  # no ties among random floats

@@ -44,9 +44,10 @@ class ModelSection:
     # smaller blocks skip more of the masked half, larger ones make fewer, bigger matmuls (which pays depends on
     # the shapes: experiments/bench/README.md, "The main job's step")
     attention_block: int = ATTENTION_BLOCK
-    # training and evaluation run the per-token layers on the batch's real tokens only, not its padding slots
-    # (sftjax/model/compact.py); false: every slot, as the PyTorch stacks without a padding-free collator
-    padding_free: bool = True
+    # true: training and evaluation run the per-token layers on a batch's real tokens only, not its padding slots
+    # (sftjax/model/compact.py, as TRL's padding_free); pays on padded batches in long runs: each new size (an
+    # eighth of the slots) compiles the step once more
+    padding_free: bool = False
     dropout: float = 0.0  # dropout on each residual branch during training
     seed: int = 0  # initialisation seed of preset models
 

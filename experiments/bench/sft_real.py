@@ -40,7 +40,7 @@ Why these settings: they are the SFT + LoRA recipe a TRL user writes for a small
                no gradient accumulation, completion-only loss (TRL completion_only_loss=True; sftjax
                data.mask=completion), EOS appended to each completion (both do so by default); neither computes
                the padding's tokens in its per-token layers (TRL's padding-free row; sftjax model.padding_free,
-               its default: the layers run on the batch's real tokens, attention on the rows)
+               =true: the layers run on the batch's real tokens, attention on the rows)
     optimizer  AdamW, lr 2e-4, linear decay to 0 over --steps, no warm-up, no weight decay, gradient clipping at
                norm 1.0 (the defaults of both), TRL's `adamw_torch_fused`
     numerics   float32 everywhere (TRL bf16=False; sftjax model.dtype=param_dtype=float32), no gradient
@@ -210,7 +210,8 @@ def sftjax_command(model_dir: Path, data: Path, mode: str, steps: int, run_dir: 
     return launcher + [
         f"model={model_dir}", f"data={data}", f"method={mode}", *(lora if mode != "full" else []),
         "model.dtype=float32", "model.param_dtype=float32", "model.remat=none",
-        f"data.seq_len={SEQ}", "data.packing=bfd", "data.mask=completion", f"data.seed={SEED}",
+        "model.padding_free=true", f"data.seq_len={SEQ}", "data.packing=bfd", "data.mask=completion",
+        f"data.seed={SEED}",
         f"trainer.batch_size={ROWS}", "trainer.grad_accum=1", f"trainer.max_steps={steps}", "trainer.log_every=1",
         "trainer.eval_every=0", "trainer.save_every=0", "trainer.num_samples=0", "trainer.progress=false",
         f"trainer.seed={SEED}", "optim=adamw", f"optim.lr={LR}", "optim.schedule=linear", "optim.warmup_steps=0",

@@ -75,7 +75,7 @@ loss (same weights, tokens, masks and attention per example): within 0.1%, else 
 the two stacks was compared once on the whole file: same token ids and loss masks for every record.)
 
 Caveats. sftjax computes the vocabulary projection only at trained positions and its per-token layers only at
-the real tokens, each in one of a few sizes (sftjax/objectives/sft.py LABEL_FRACTIONS, sftjax/model/compact.py
+the real tokens, each in one of a few sizes (sftjax/objectives/sft.py LABEL_FRACTIONS and
 TOKEN_FRACTIONS), so a step whose share crosses a size compiles once more (an outlier the median ignores;
 `steps_s` in the JSON holds every step). TRL's padding-free row (the 4 packed rows end
 to end, up to 2048 tokens) goes through sdpa with the block-diagonal causal mask transformers builds from the

@@ -3,14 +3,15 @@
 A packed or padded batch [B, T] holds padding slots (segment id 0): rows of 512 packed with examples of ~300
 tokens are a quarter padding, a batch of unpacked chats often half. Every layer but attention works token by
 token (the projections, the MLP, the norms, RoPE, the adapters), so those slots cost their share of the step for
-nothing. Given `token_index` [M] (the flat positions of the batch's real tokens, host side), the decoder gathers the
+nothing. Given `token_index` [M] (the flat positions of the batch's real tokens, computed host side by the
+objective: `objectives/sft.py: token_index`), the decoder gathers the
 embeddings of those M tokens into one row [1, M, D] and runs the layers on it; only attention needs the rows back:
 its q, k, v are laid into the [B, T] slots (zeros at the padding slots, which attend only to each other: segment 0)
 and its output gathered back. The final hidden states are laid back into [B, T, D], zeros at the padding slots, so
 the caller sees the same shapes as without the index.
 
-M is rounded up to one of a few sizes (`TOKEN_FRACTIONS` of the B*T slots), so a run compiles its step for a few
-shapes at most. Both ways are gathers (`_permute`): token_index [M] lists the real slots (B*T, out of range, at its
+M is rounded up to one of a few sizes (`sft.TOKEN_FRACTIONS` of the B*T slots), so a run compiles its step for a
+few shapes at most. Both ways are gathers (`_permute`): token_index [M] lists the real slots (B*T, out of range, at its
 padding entries), token_slot [B*T] each slot's place in it (M, out of range, at the padding slots); an
 out-of-range entry reads zeros, and each gather's gradient is the gather the other way. The values are those of
 the dense path up to float32 summation order (the matmuls see M rows instead of B*T); the padding slots' hidden
@@ -21,37 +22,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-# Sizes M (fractions of a micro-batch's B*T slots) the padding-free path is compiled for: a batch with more real
-# tokens than the largest runs every slot (the gathers would cost more than the padding they skip). Eighths, not
-# finer: each size a run meets compiles its step once more, and batches of one dataset fill their slots to within
-# a few eighths (the figures: experiments/bench/README.md, "Padding-free layers").
-TOKEN_FRACTIONS = (1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
-
-
-def token_index(segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(token_index [..., M], token_slot [..., B*T]) of each micro-batch segment_ids [..., B, T], or None when some
-    micro-batch fills more than TOKEN_FRACTIONS[-1] of its slots.
-
-    token_index: the flat positions of the real tokens (segment id > 0), padded with B*T (out of range);
-    token_slot: each slot's place in token_index, M (out of range) at the padding slots. M is the smallest
-    B*T*fraction that holds every micro-batch's count (one M for all: one shape).
-    """
-    *lead, B, T = segment_ids.shape
-    flat = segment_ids.reshape(-1, B * T) > 0
-    most = int(flat.sum(axis=1).max(initial=0))
-    M = next((m for m in (max(int(B * T * f), 1) for f in TOKEN_FRACTIONS) if m >= most), None)
-    if M is None:
-        return None
-    index = np.full((flat.shape[0], M), B * T, np.int32)
-    slot = np.full((flat.shape[0], B * T), M, np.int32)
-    for i, row in enumerate(flat):
-        where = np.flatnonzero(row)
-        index[i, :len(where)] = where
-        slot[i, where] = np.arange(len(where))
-    return index.reshape(*lead, M), slot.reshape(*lead, B * T)
-
 
 def _take(x: jax.Array, index: jax.Array) -> jax.Array:
     """x [n, ...] at index [m] -> [m, ...]; zeros where the index is out of range."""

@@ -102,7 +102,7 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan over layers: compile time stays flat as depth grows
     remat: str = "none"  # none | full (recompute each layer) | dots (save matmul outputs only)
     attention_block: int = ATTENTION_BLOCK  # training attention: queries in causal blocks of this many rows
-    padding_free: bool = False  # objectives pass `compact.token_index`: the layers skip the padding slots
+    padding_free: bool = False  # objectives pass `sft.token_index`: the layers skip the padding slots
     dropout_rate: float = 0.0  # dropout on each residual branch (attention and MLP outputs) when training
     linear: Any = None  # a plug-in that reads and applies the linear layers (layers.LinearPlugin); None: plain
 

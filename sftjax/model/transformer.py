@@ -176,8 +176,8 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, segment_i
 
     segment_ids [B, T]: packed examples (0 = padding); default: one segment per row. positions default to
     restarting at 0 in every segment. dropout_rng: training mode (dropout on, if cfg.dropout_rate > 0).
-    compact: (token_index [M], token_slot [B*T]) of the batch (`compact.token_index`): the layers run on its M
-    real tokens only, and the padding slots' hidden states are zeros.
+    compact: (token_index [M], token_slot [B*T]) of the batch (`objectives/sft.py: token_index`): the layers run
+    on its M real tokens only, and the padding slots' hidden states are zeros.
     """
     B, T = tokens.shape
     if segment_ids is None:

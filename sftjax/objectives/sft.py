@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sftjax.model.compact import token_index
 from sftjax.model.config import ModelConfig
 from sftjax.model.transformer import Params, hidden_states, lm_head
 from sftjax.objectives.base import Batch, Context, Objective, array_module, flat_positions, per_task, ratio
@@ -42,6 +41,35 @@ def label_index(loss_mask: np.ndarray) -> np.ndarray | None:
     B, T = loss_mask.shape[-2:]
     sizes = [max(int(B * T * f), 1) for f in LABEL_FRACTIONS]
     return flat_positions(loss_mask > 0, lambda most: next((k for k in sizes if k >= most), None))
+
+
+# Sizes M (fractions of a micro-batch's B*T slots) the padding-free layers are compiled for: a batch with more real
+# tokens than the largest runs every slot (the gathers would cost more than the padding they skip). Eighths, not
+# finer: each size a run meets compiles its step once more, and batches of one dataset fill their slots to within
+# a few eighths (the figures: experiments/bench/README.md, "Padding-free layers").
+TOKEN_FRACTIONS = (1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
+
+
+def token_index(segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(token_index [..., M], token_slot [..., B*T]) of each micro-batch segment_ids [..., B, T] for the
+    padding-free layers (`model/compact.py`), or None when some micro-batch fills more than TOKEN_FRACTIONS[-1] of
+    its slots.
+
+    token_index: the flat positions of the real tokens (segment id > 0), padded with B*T (out of range);
+    token_slot: each slot's place in token_index, M (out of range) at the padding slots. M is the smallest
+    B*T*fraction that holds every micro-batch's count (one M for all: one shape).
+    """
+    B, T = segment_ids.shape[-2:]
+    sizes = [max(int(B * T * f), 1) for f in TOKEN_FRACTIONS]
+    index = flat_positions(segment_ids > 0, lambda most: next((m for m in sizes if m >= most), None))
+    if index is None:
+        return None
+    M = index.shape[-1]
+    index = np.where(index < 0, B * T, index).astype(np.int32)
+    rows = index.reshape(-1, M)
+    slot = np.full((rows.shape[0], B * T + 1), M, np.int32)  # one spare column takes the padding entries' writes
+    np.put_along_axis(slot, rows, np.broadcast_to(np.arange(M, dtype=np.int32), rows.shape), axis=1)
+    return index, slot[:, :B * T].reshape(*index.shape[:-1], B * T)
 
 
 def with_token_index(cfg: ModelConfig, batch: Batch) -> Batch:

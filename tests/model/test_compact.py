@@ -1,5 +1,5 @@
-"""Padding-free layers (`model/compact.py`): the host-side index, and the decoder on a batch's real tokens only
-giving the values and gradients of the dense path.
+"""Padding-free layers (`model/compact.py`): the host-side index (`objectives/sft.py: token_index`), and the
+decoder on a batch's real tokens only giving the values and gradients of the dense path.
 
 Tolerances: float32, the same computation over M rows instead of B*T, so only summation order differs: 1e-5
 absolute on hidden states, 1e-5 relative to each gradient leaf's largest entry.
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import sftjax
-from sftjax.model.compact import TOKEN_FRACTIONS, gather, scatter, token_index
+from sftjax.model.compact import gather, scatter
 from sftjax.model.transformer import hidden_states
+from sftjax.objectives.sft import TOKEN_FRACTIONS, token_index
 from tests.model.test_transformer import CONFIGS, _params, _tokens
 
 

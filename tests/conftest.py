@@ -10,6 +10,11 @@
 - Parity tests compare float32 results with transformers (torch). XLA on CPU may run float32 matmuls at reduced
   precision by default, so every test forces the highest matmul precision: differences then come from
   summation order alone, and the stated tolerances hold.
+- Compiled programs are kept between runs (jax's persistent compilation cache, as `sftjax-train` keeps its own:
+  `trainer.compile_cache`) in $SFTJAX_TEST_XLA_CACHE, by default `xla-tests` beside the real model's cache
+  ($SFTJAX_CACHE, else ~/.cache/sftjax); "" turns it off. Most tests run tiny models, whose time is mostly XLA
+  compiling them: a second run of a module takes a fraction of the first (tests/model/test_compact.py: 70 s ->
+  16 s). The sftjax-train runs the tests start use the product's cache, `trainer.compile_cache`.
 """
 
 import os
@@ -20,6 +25,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from sftjax.train.compile_cache import use_compile_cache  # noqa: E402
+from tests.real_model import cache_root  # noqa: E402
+
+use_compile_cache(os.environ.get("SFTJAX_TEST_XLA_CACHE", str(cache_root() / "xla-tests")))
 
 
 # Modules that take a minute or more on one worker (the slowest tests of a fresh-clone run on the Zen 4 host,

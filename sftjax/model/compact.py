@@ -4,15 +4,15 @@ A packed or padded batch [B, T] holds padding slots (segment id 0): rows of 512 
 tokens are a quarter padding, a batch of unpacked chats often half. Every layer but attention works token by
 token (the projections, the MLP, the norms, RoPE, the adapters), so those slots cost their share of the step for
 nothing. Given `token_index` [M] (the flat positions of the batch's real tokens, computed host side by the
-objective: `objectives/sft.py: token_index`), the decoder gathers the
-embeddings of those M tokens into one row [1, M, D] and runs the layers on it; only attention needs the rows back:
-its q, k, v are laid into the [B, T] slots (zeros at the padding slots, which attend only to each other: segment 0)
-and its output gathered back. The final hidden states are laid back into [B, T, D], zeros at the padding slots, so
-the caller sees the same shapes as without the index.
+objective: `objectives/sft.py: token_index`), the decoder gathers the embeddings of those M tokens into one row
+[1, M, D] and runs the layers on it; only attention needs the rows back: its q, k, v are laid into the [B, T] slots
+(zeros at the padding slots, which attend only to each other: segment 0) and its output gathered back. The final
+hidden states are laid back into [B, T, D], zeros at the padding slots, so the caller sees the same shapes as
+without the index.
 
 M is rounded up to one of a few sizes (`sft.TOKEN_FRACTIONS` of the B*T slots), so a run compiles its step for a
-few shapes at most. Both ways are gathers (`_permute`): token_index [M] lists the real slots (B*T, out of range, at its
-padding entries), token_slot [B*T] each slot's place in it (M, out of range, at the padding slots); an
+few shapes at most. Both ways are gathers (`_permute`): token_index [M] lists the real slots (B*T, out of range,
+at its padding entries), token_slot [B*T] each slot's place in it (M, out of range, at the padding slots); an
 out-of-range entry reads zeros, and each gather's gradient is the gather the other way. The values are those of
 the dense path up to float32 summation order (the matmuls see M rows instead of B*T); the padding slots' hidden
 states are zeros instead of values nobody reads, and dropout draws its masks over [1, M, D] instead of [B, T, D].

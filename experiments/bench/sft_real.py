@@ -39,8 +39,8 @@ Why these settings: they are the SFT + LoRA recipe a TRL user writes for a small
                which also turns on its padding-free collator; sftjax data.packing=bfd), 4 rows per optimizer step,
                no gradient accumulation, completion-only loss (TRL completion_only_loss=True; sftjax
                data.mask=completion), EOS appended to each completion (both do so by default); neither computes
-               the padding's tokens in its per-token layers (TRL's padding-free row; sftjax model.padding_free,
-               =true: the layers run on the batch's real tokens, attention on the rows)
+               the padding's tokens in its per-token layers (TRL's padding-free row; sftjax
+               model.padding_free=true: the layers run on the batch's real tokens, attention on the rows)
     optimizer  AdamW, lr 2e-4, linear decay to 0 over --steps, no warm-up, no weight decay, gradient clipping at
                norm 1.0 (the defaults of both), TRL's `adamw_torch_fused`
     numerics   float32 everywhere (TRL bf16=False; sftjax model.dtype=param_dtype=float32), no gradient

@@ -7,8 +7,10 @@
         base/        the pre-trained base as an HF directory: config.json, model.safetensors, tokenizer files
 
 <key> hashes the corpus fingerprint, every setting that changes the base (architecture, vocabulary, steps,
-batch, learning rate), the jax version and BASE_RECIPE (the version of the code's pre-training numerics), so a
-changed setting, a new jax or a change of the code's numerics builds a new base instead of reusing a stale one.
+batch, learning rate), the jax version, BASE_RECIPE (the version of the code's pre-training numerics) and the kind
+of machine that computes it (`numerics_host`), so a changed setting, a new jax, a change of the code's numerics or
+a cache directory shared with another kind of machine builds a new base instead of reusing one that this machine
+would not have built.
 A directory counts as built only when its `done.json` is written, last; an interrupted build resumes (the
 pre-training run resumes from its latest checkpoint).
 """
@@ -19,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import platform
 import sys
 from pathlib import Path
 
@@ -52,6 +55,30 @@ def base_config(vocab_size: int, num_layers: int = 4) -> ModelConfig:
                        num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
                        tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-5,
                        bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+
+
+def numerics_host() -> str:
+    """The kind of machine, as far as it decides the base's float rounding: jax's backend and device kind and the
+    CPU's architecture and vendor, e.g. "cpu/cpu/x86_64/AuthenticAMD".
+
+    The same program pre-trains another base where XLA picks other kernels: on CPU, Intel and AMD hosts gave two
+    bases (other bytes, other held-out losses: experiments/main_recipe/README.md), while hosts of one vendor gave
+    the same bytes. A home directory shared by an Intel and an AMD machine, or a GPU and a CPU
+    node, then keeps one base per kind instead of handing one machine's base to the other.
+    """
+    device = jax.devices()[0]
+    return "/".join([jax.default_backend(), device.device_kind, platform.machine(), _cpu_vendor()])
+
+
+def _cpu_vendor() -> str:
+    """The CPU vendor as Linux names it (/proc/cpuinfo "vendor_id", e.g. GenuineIntel), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 @dataclasses.dataclass
@@ -121,7 +148,7 @@ def base_key_parts(corpus_fingerprint: str, settings: BuiltinSection) -> list:
     arch = base_config(settings.vocab_size, settings.base_layers)
     return [corpus_fingerprint, json.dumps(to_hf_dict(arch), sort_keys=True, default=str),
             settings.vocab_size, settings.pretrain_steps, settings.pretrain_batch, settings.pretrain_seq_len,
-            settings.pretrain_lr, BASE_RECIPE, jax.__version__]
+            settings.pretrain_lr, BASE_RECIPE, jax.__version__, numerics_host()]
 
 
 def base_key(parts: list) -> str:

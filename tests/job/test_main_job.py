@@ -118,9 +118,9 @@ def test_the_main_job_is_what_runs_without_a_dataset():
     assert main_job_defaults(["experiment=optuna_lr"]) == ["experiment=optuna_lr"]
 
 
-def test_the_base_cache_key_follows_the_settings_the_code_and_jax(monkeypatch):
-    """A cache built by other settings, by code with other pre-training numerics (BASE_RECIPE) or by another jax
-    is never reused: each changes the directory name."""
+def test_the_base_cache_key_follows_the_settings_the_code_jax_and_the_machine(monkeypatch):
+    """A cache built by other settings, by code with other pre-training numerics (BASE_RECIPE), by another jax or
+    on another kind of machine (CPU vendor, backend) is never reused: each changes the directory name."""
     import dataclasses
 
     from sftjax.job.config import BuiltinSection
@@ -140,3 +140,11 @@ def test_the_base_cache_key_follows_the_settings_the_code_and_jax(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(base.jax, "__version__", "0.0.1")
     assert key() != first
+    monkeypatch.undo()
+    host = base.numerics_host()
+    backend, kind, machine, vendor = host.split("/")
+    assert backend == "cpu" and machine and vendor  # the suite runs on CPU
+    monkeypatch.setattr(base, "_cpu_vendor", lambda: "OtherVendor")
+    assert base.numerics_host() != host and key() != first
+    monkeypatch.undo()
+    assert key() == first

@@ -18,6 +18,7 @@ pre-training run resumes from its latest checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -117,29 +118,30 @@ def _pretrain_config(settings: BuiltinSection, root: Path, model_dir: Path, corp
                      template: TrainConfig) -> TrainConfig:
     """A full-fine-tuning run from random init on the corpus text (every token trained). Its numerics are the
     base's recipe (BASE_RECIPE), whatever the fine-tuning sets: float32, no dropout, the default attention block,
-    every slot computed (model.padding_free=false: its rows are ~81% real, and the padding-free layers round
-    differently), since a setting that changes the rounding would make a base other than the one the cache key
-    names."""
+    the layers unrolled, no remat, every slot computed (model.padding_free=false: its rows are ~81% real, and the
+    padding-free layers round differently), the data and optimizer options at their defaults, data order and
+    training seed 0: a setting that changes the data or the rounding would make a base other than the one the cache
+    key names (`sftjax-train data.seed=1` on an empty cache built another base, under the same key, before).
+    From the template only what does not touch the numbers: where and how the run reports and caches."""
     cfg = dataclasses.replace(template)
     cfg.model = dataclasses.replace(template.model, path=str(model_dir), tokenizer=None, dropout=0.0,
                                     dtype="float32", param_dtype="float32", attention_block=ATTENTION_BLOCK,
-                                    padding_free=False)
+                                    padding_free=False, scan_layers=False, remat="none")
     cfg.method = dataclasses.replace(template.method, name="full")
-    cfg.data = dataclasses.replace(template.data, train=[DatasetSpec(path=str(corpus.train_path), format="text",
-                                                                     name="corpus")],
-                                   eval=[DatasetSpec(path=str(corpus.heldout_path), format="text",
-                                                     name="corpus")],
-                                   eval_fraction=0.0, seq_len=settings.pretrain_seq_len, mask="all",
-                                   packing="bfd", chat_template=None)
-    cfg.optim = dataclasses.replace(template.optim, name="adamw", lr=settings.pretrain_lr, weight_decay=0.1,
+    cfg.objective = {"name": "sft"}  # next-token loss on every token, whatever objective the fine-tuning uses
+    corpus_spec = functools.partial(DatasetSpec, format="text", name="corpus")
+    cfg.data = dataclasses.replace(type(template.data)(), train=[corpus_spec(path=str(corpus.train_path))],
+                                   eval=[corpus_spec(path=str(corpus.heldout_path))], eval_fraction=0.0,
+                                   seq_len=settings.pretrain_seq_len, mask="all", packing="bfd", chat_template=None)
+    cfg.optim = dataclasses.replace(type(template.optim)(), name="adamw", lr=settings.pretrain_lr, weight_decay=0.1,
                                     b2=0.99, schedule="cosine", warmup_steps=min(50, settings.pretrain_steps // 10),
                                     min_lr_ratio=0.1, max_grad_norm=1.0)
     steps = settings.pretrain_steps
     cfg.trainer = dataclasses.replace(template.trainer, max_steps=steps, batch_size=settings.pretrain_batch,
-                                      grad_accum=1, devices=1, log_every=max(steps // 20, 1),
-                                      eval_every=max(steps // 4, 1), eval_batches=8, num_samples=0, save_every=100,
-                                      keep_last=1, keep_best=0, best_metric="eval/loss", patience=0,
-                                      resume="auto", run_dir=str(root / "pretrain"), progress=template.trainer.progress)
+                                      grad_accum=1, devices=1, seed=0, parallelism="data",
+                                      log_every=max(steps // 20, 1), eval_every=max(steps // 4, 1), eval_batches=8,
+                                      num_samples=0, save_every=100, keep_last=1, keep_best=0, best_metric="eval/loss",
+                                      patience=0, resume="auto", run_dir=str(root / "pretrain"))
     return cfg
 
 

@@ -148,3 +148,28 @@ def test_the_base_cache_key_follows_the_settings_the_code_jax_and_the_machine(mo
     assert base.numerics_host() != host and key() != first
     monkeypatch.undo()
     assert key() == first
+
+
+def test_the_base_is_pre_trained_the_same_whatever_the_fine_tuning_sets(tmp_path):
+    """The base's pre-training takes its recipe from BuiltinSection and its own defaults, never from the options
+    of the fine-tuning that triggered it: a first `sftjax-train data.seed=1` on an empty cache used to pre-train
+    another base (its data order) under the same cache key as `sftjax-train`."""
+    from types import SimpleNamespace
+
+    from sftjax.cli.common import compose_config
+    from sftjax.job import base
+
+    corpus = SimpleNamespace(train_path=tmp_path / "train.jsonl", heldout_path=tmp_path / "heldout.jsonl")
+
+    def pretrain(overrides):
+        cfg = compose_config(["experiment=main", *overrides])
+        return base._pretrain_config(cfg.builtin, tmp_path, tmp_path / "init", corpus, cfg)
+
+    default = pretrain([])
+    assert default.data.seed == 0 and default.trainer.seed == 0 and default.objective == {"name": "sft"}
+    assert not default.model.scan_layers and default.method.name == "full" and default.trainer.devices == 1
+    changed = pretrain(["data.seed=1", "trainer.seed=3", "optim.b1=0.5", "optim.eps=1e-6", "model.scan_layers=true",
+                        "model.remat=full", "model.dropout=0.1", "model.padding_free=true", "data.over_long=drop",
+                        "data.pack_window=8", "method=qlora", "trainer.parallelism=fsdp", "trainer.grad_accum=2",
+                        "trainer.batch_size=8", "optim.lr=1e-5", "data.seq_len=64", "objective=distill"])
+    assert changed == default

@@ -64,8 +64,8 @@ def numerics_host() -> str:
 
     The same program pre-trains another base where XLA picks other kernels: on CPU, Intel and AMD hosts gave two
     bases (other bytes, other held-out losses: experiments/main_recipe/README.md), while hosts of one vendor gave
-    the same bytes. A home directory shared by an Intel and an AMD machine, or a GPU and a CPU
-    node, then keeps one base per kind instead of handing one machine's base to the other.
+    the same bytes. A home directory shared by an Intel and an AMD machine, or a GPU and a CPU node, then keeps
+    one base per kind instead of handing one machine's base to the other.
     """
     device = jax.devices()[0]
     return "/".join([jax.default_backend(), device.device_kind, platform.machine(), _cpu_vendor()])

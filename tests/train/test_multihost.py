@@ -3,8 +3,11 @@ over gloo, cluster from JAX's variables) against one process with four devices, 
 SIGKILL and resumed) and the sharded step (resumed from the pmap run's checkpoint: one layout into the other);
 bad cluster settings stop with one line.
 
-Tolerances: pmap, 2 x 2 against 1 x 4 devices: losses and weights 1e-6 absolute (the same per-device program and
-psum; observed bitwise equal). Sharded against pmap: losses 2e-6, weights 2e-7 after SGD steps (summation order
+Tolerances: pmap, 2 x 2 against 1 x 4 devices (AdamW, lr 3e-4): losses 1e-6 absolute, weights 1e-5. The psum
+runs over gloo across processes and in-process within one, and their summation orders may differ: bitwise equal
+on Zen 4, Zen 5 and Intel hosts, but on a Zen 3 host (AMD EPYC family 25 model 1) 2 of 64 weights differ by
+1.3e-6 after 6 steps, as Adam's division by sqrt(v) amplifies a last-bit gradient difference. A resume that lost
+or misplaced the optimizer state would move most weights by ~lr. Sharded against pmap: losses 2e-6, weights 2e-7 after SGD steps (summation order
 only; see test_parallel.py for why AdamW weights are not compared across steps with another summation order).
 """
 
@@ -121,7 +124,7 @@ def test_two_processes_match_one_with_four_devices_through_a_kill_and_resume(wor
     logs = _finish(_start_two(args, run, tmp_path))
     assert "resuming" in logs[0] and "process 1 of 2" in logs[1]
     assert not (run / "hydra1" / "metrics.jsonl").exists() and (run / "samples.jsonl").exists()
-    _compare(one_process / "adamw", run, workspace["model"], OptimSection(), 1e-6, 1e-6)
+    _compare(one_process / "adamw", run, workspace["model"], OptimSection(), 1e-6, 1e-5)
 
 
 def test_sharded_two_processes_resume_a_pmap_checkpoint(workspace, one_process, tmp_path):

@@ -59,27 +59,32 @@ def base_config(vocab_size: int, num_layers: int = 4) -> ModelConfig:
 
 
 def numerics_host() -> str:
-    """The kind of machine, as far as it decides the base's float rounding: jax's backend and device kind and the
-    CPU's architecture and vendor, e.g. "cpu/cpu/x86_64/AuthenticAMD".
+    """The kind of machine, as far as it decides the base's float rounding: jax's backend and device kind, the
+    CPU's architecture and vendor and its widest vector instructions, e.g. "cpu/cpu/x86_64/AuthenticAMD/avx512".
 
     The same program pre-trains another base where XLA picks other kernels: on CPU, Intel and AMD hosts gave two
-    bases (other bytes, other held-out losses: experiments/main_recipe/README.md), while hosts of one vendor gave
-    the same bytes. A home directory shared by an Intel and an AMD machine, or a GPU and a CPU node, then keeps
-    one base per kind instead of handing one machine's base to the other.
+    bases, and an AMD host without AVX-512 a third (other bytes, other held-out losses:
+    experiments/main_recipe/README.md), while hosts of one vendor and one vector width gave the same bytes. A home
+    directory shared by two such machines, or by a GPU and a CPU node, then keeps one base per kind instead of
+    handing one machine's base to the other.
     """
     device = jax.devices()[0]
-    return "/".join([jax.default_backend(), device.device_kind, platform.machine(), _cpu_vendor()])
+    vendor, vector = _cpu_kind()
+    return "/".join([jax.default_backend(), device.device_kind, platform.machine(), vendor, vector])
 
 
-def _cpu_vendor() -> str:
-    """The CPU vendor as Linux names it (/proc/cpuinfo "vendor_id", e.g. GenuineIntel), else platform.processor()."""
+def _cpu_kind() -> tuple[str, str]:
+    """(vendor, widest vector extension) as Linux names them in /proc/cpuinfo ("vendor_id", e.g. GenuineIntel;
+    "flags": avx512f, else avx2, else "-"); elsewhere (platform.processor(), "-")."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]  # the first processor's block
+        fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor(), "-"
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    vector = next((f for f in ("avx512f", "avx2") if f in flags), "-")
+    return fields.get("vendor_id", platform.processor()), vector
 
 
 @dataclasses.dataclass

@@ -120,7 +120,8 @@ def test_the_main_job_is_what_runs_without_a_dataset():
 
 def test_the_base_cache_key_follows_the_settings_the_code_jax_and_the_machine(monkeypatch):
     """A cache built by other settings, by code with other pre-training numerics (BASE_RECIPE), by another jax or
-    on another kind of machine (CPU vendor, backend) is never reused: each changes the directory name."""
+    on another kind of machine (CPU vendor or vector width, backend) is never reused: each changes the directory
+    name."""
     import dataclasses
 
     from sftjax.job.config import BuiltinSection
@@ -142,11 +143,12 @@ def test_the_base_cache_key_follows_the_settings_the_code_jax_and_the_machine(mo
     assert key() != first
     monkeypatch.undo()
     host = base.numerics_host()
-    backend, kind, machine, vendor = host.split("/")
-    assert backend == "cpu" and machine and vendor  # the suite runs on CPU
-    monkeypatch.setattr(base, "_cpu_vendor", lambda: "OtherVendor")
-    assert base.numerics_host() != host and key() != first
-    monkeypatch.undo()
+    backend, kind, machine, vendor, vector = host.split("/")
+    assert backend == "cpu" and machine and vendor and vector  # the suite runs on CPU
+    for other in (("OtherVendor", vector), (vendor, "other vector width")):
+        monkeypatch.setattr(base, "_cpu_kind", lambda: other)
+        assert base.numerics_host() != host and key() != first
+        monkeypatch.undo()
     assert key() == first
 
 

@@ -7,8 +7,9 @@ Tolerances: pmap, 2 x 2 against 1 x 4 devices (AdamW, lr 3e-4): losses 1e-6 abso
 runs over gloo across processes and in-process within one, and their summation orders may differ: bitwise equal
 on Zen 4, Zen 5 and Intel hosts, but on a Zen 3 host (AMD EPYC family 25 model 1) 2 of 64 weights differ by
 1.3e-6 after 6 steps, as Adam's division by sqrt(v) amplifies a last-bit gradient difference. A resume that lost
-or misplaced the optimizer state would move most weights by ~lr. Sharded against pmap: losses 2e-6, weights 2e-7 after SGD steps (summation order
-only; see test_parallel.py for why AdamW weights are not compared across steps with another summation order).
+or misplaced the optimizer state would move most weights by ~lr. Sharded against pmap: losses 2e-6, weights 2e-7
+after SGD steps (summation order only; see test_parallel.py for why AdamW weights are not compared across steps
+with another summation order).
 """
 
 import json
